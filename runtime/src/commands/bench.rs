@@ -1,0 +1,130 @@
+//! Whole-pipeline benchmark: a generated Zipf clickstream through the full engine with
+//! RocksDB state and local checkpoints; prints throughput, latency, checkpoint cost, RSS.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{GeneratorConfig, JobConfig, SinkConfig, SourceConfig};
+use crate::engine::{Engine, Restore};
+use crate::metrics::Metrics;
+use crate::sink::file::FileSink;
+use crate::source::generator::Generator;
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub events: u64,
+    pub users: u64,
+    pub items: u64,
+    pub parallelism: usize,
+    pub events_per_second: u64,
+    pub max_batch_size: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            events: 2_000_000,
+            users: 1_000_000,
+            items: 100_000,
+            parallelism: 2,
+            // Event-time rate per partition (2 partitions): 2,000 events per event-time second.
+            events_per_second: 1_000,
+            max_batch_size: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub events_per_second_per_core: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub checkpoints: usize,
+    pub checkpoint_ms_p50: u64,
+    pub checkpoint_ms_max: u64,
+    pub checkpoint_uploaded_mb_avg: f64,
+    pub checkpoint_size_mb_last: f64,
+    pub peak_rss_mb: f64,
+    pub recommendations: u64,
+    pub item_stats: u64,
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "events                 {}", self.events)?;
+        writeln!(f, "wall time              {:.1} s", self.seconds)?;
+        writeln!(f, "throughput             {:.0} events/s", self.events_per_second)?;
+        writeln!(f, "per core               {:.0} events/s", self.events_per_second_per_core)?;
+        writeln!(f, "latency p50 / p99      {:.1} / {:.1} ms (read → output written, per event)", self.latency_p50_ms, self.latency_p99_ms)?;
+        writeln!(f, "checkpoints            {} (p50 {} ms, max {} ms)", self.checkpoints, self.checkpoint_ms_p50, self.checkpoint_ms_max)?;
+        writeln!(f, "checkpoint size        {:.1} MB state, {:.1} MB uploaded on average (incremental)", self.checkpoint_size_mb_last, self.checkpoint_uploaded_mb_avg)?;
+        writeln!(f, "peak RSS               {:.0} MB", self.peak_rss_mb)?;
+        write!(f, "output                 {} recommendations, {} item stats", self.recommendations, self.item_stats)
+    }
+}
+
+pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
+    let gen = GeneratorConfig {
+        users: opts.users,
+        items: opts.items,
+        events: opts.events,
+        partitions: 2,
+        events_per_second: opts.events_per_second,
+        ..GeneratorConfig::default()
+    };
+    let job = JobConfig {
+        name: "bench".into(),
+        parallelism: opts.parallelism,
+        key_groups: 128,
+        source: SourceConfig::Generator(gen.clone()),
+        sink: SinkConfig {
+            dir: workdir.join("output"),
+            item_stats: true,
+        },
+        state_dir: workdir.join("state"),
+        checkpoint_store: format!("file://{}", workdir.join("checkpoints").display()),
+        checkpoint_interval: crate::config::Duration::secs(10),
+        retained_checkpoints: 3,
+        max_batch_size: opts.max_batch_size,
+        http: None,
+        dataflow: Default::default(),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let sink = FileSink::open(&job.sink.dir, 1)?;
+    let mut engine = Engine::new(job, Box::new(Generator::new(gen)), Box::new(sink), Restore::None, metrics.clone())?;
+    engine.enable_latency_histogram();
+    let started = Instant::now();
+    engine.run()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let h = engine.latency.as_ref().expect("enabled above");
+    let mut durations: Vec<u64> = engine.checkpoint_log.iter().map(|c| c.duration_ms).collect();
+    durations.sort_unstable();
+    let uploaded: Vec<u64> = engine.checkpoint_log.iter().map(|c| c.uploaded_bytes).collect();
+    let s = metrics.snapshot();
+    let eps = s.events_in as f64 / seconds;
+    Ok(BenchReport {
+        events: s.events_in,
+        seconds,
+        events_per_second: eps,
+        events_per_second_per_core: eps / opts.parallelism.min(available_cores()) as f64,
+        latency_p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+        latency_p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+        checkpoints: durations.len(),
+        checkpoint_ms_p50: durations.get(durations.len() / 2).copied().unwrap_or(0),
+        checkpoint_ms_max: durations.last().copied().unwrap_or(0),
+        checkpoint_uploaded_mb_avg: uploaded.iter().sum::<u64>() as f64 / uploaded.len().max(1) as f64 / 1e6,
+        checkpoint_size_mb_last: engine.checkpoint_log.last().map_or(0.0, |c| c.size_bytes as f64 / 1e6),
+        peak_rss_mb: super::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+        recommendations: s.recommendations_out,
+        item_stats: s.item_stats_out,
+    })
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

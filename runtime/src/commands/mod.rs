@@ -1,0 +1,71 @@
+//! The CLI's commands as library functions (so tests run exactly what users run).
+
+pub mod bench;
+pub mod eval;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{GeneratorConfig, HttpConfig, JobConfig, SinkConfig, SourceConfig};
+use crate::engine::{Engine, Restore};
+use crate::event::Validation;
+use crate::metrics::Metrics;
+use crate::sink::file::FileSink;
+use crate::source::{file::FileSource, generator::Generator, Source};
+use crate::Result;
+
+/// Build the job's source from its configuration.
+pub fn open_source(cfg: &JobConfig) -> Result<Box<dyn Source>> {
+    Ok(match &cfg.source {
+        SourceConfig::File(f) => Box::new(FileSource::open(
+            f,
+            Validation::at_now(cfg.dataflow.max_future_skew.0),
+        )?),
+        SourceConfig::Generator(g) => Box::new(Generator::new(g.clone())),
+    })
+}
+
+/// Build an engine for a configured job with a file sink.
+pub fn open_engine(cfg: JobConfig, restore: Restore, metrics: Arc<Metrics>) -> Result<Engine> {
+    let source = open_source(&cfg)?;
+    let sink = FileSink::open(&cfg.sink.dir, 1)?;
+    Engine::new(cfg, source, Box::new(sink), restore, metrics)
+}
+
+/// The embedded demo job: a generated clickstream through the whole dataflow.
+pub fn demo_config(workdir: &Path, events: u64, parallelism: usize) -> JobConfig {
+    JobConfig {
+        name: "demo".into(),
+        parallelism,
+        key_groups: 128,
+        source: SourceConfig::Generator(GeneratorConfig {
+            users: 50_000,
+            items: 5_000,
+            events,
+            partitions: 2,
+            events_per_second: 100,
+            ..GeneratorConfig::default()
+        }),
+        sink: SinkConfig {
+            dir: workdir.join("output"),
+            item_stats: true,
+        },
+        state_dir: workdir.join("state"),
+        checkpoint_store: format!("file://{}", workdir.join("checkpoints").display()),
+        checkpoint_interval: crate::config::Duration::secs(2),
+        retained_checkpoints: 3,
+        max_batch_size: 4096,
+        http: Some(HttpConfig {
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+        }),
+        dataflow: Default::default(),
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

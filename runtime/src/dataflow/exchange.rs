@@ -1,0 +1,294 @@
+//! The exchange between the user-keyed and the item-keyed stage.
+//!
+//! Co-visitation increments are pre-aggregated per target key group between flushes (sums
+//! commute, so window contents are unchanged), which is what lets the distributed version
+//! send one batch per target partition per flush instead of one record per increment.
+//! Flushes happen exactly where ordering matters:
+//! - before a recommendation request to a key group (the request must see its own event's
+//!   increments: key `(seq, RANK_OWN)` then `(seq, RANK_REQUEST)`);
+//! - at every watermark crossing (increments stamped before it must be counted in the windows
+//!   emitted there: key `(crossing, RANK_CROSSING)`, which sorts before the emission);
+//! - at the end of a batch, so no exchange state outlives a checkpoint barrier.
+//!
+//! Every message carries a sort key; each receiver merges its inputs by key, which replays
+//! the global read order as far as the semantics need it.
+
+use std::collections::HashMap;
+
+use super::{BatchFrame, Key};
+use crate::event::Event;
+use crate::keygroup;
+
+/// Aggregates flushed at a watermark crossing: applied before that crossing's emission.
+pub const RANK_CROSSING: u8 = 0;
+/// Aggregates flushed just before a request: applied after the emission at that sequence.
+pub const RANK_OWN: u8 = 1;
+pub const RANK_REQUEST: u8 = 2;
+
+/// Order of messages at a receiver: (sequence number, rank).
+pub type MsgKey = (u64, u8);
+
+/// One co-visitation increment or popularity contribution, already summed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Increment {
+    pub pane: i64,
+    pub item: Key,
+    pub other: Key,
+    pub weight: u64,
+}
+
+/// What the item stage needs to recommend for one event.
+#[derive(Clone, Debug)]
+pub struct RecRequest {
+    pub seq: u64,
+    pub wm: i64,
+    pub event: Event,
+    pub weight: u32,
+    pub late: bool,
+    /// Items the user purchased within the history (excluded from the recommendation).
+    pub excluded: Vec<Key>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Payload {
+    Increments(Vec<Increment>),
+    Request(Box<RecRequest>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub key: MsgKey,
+    pub payload: Payload,
+}
+
+/// Routing of key groups to workers.
+#[derive(Clone, Copy, Debug)]
+pub struct Routing {
+    pub key_groups: u32,
+    pub parallelism: usize,
+}
+
+impl Routing {
+    pub fn key_group(&self, key: &[u8]) -> u32 {
+        keygroup::key_group(key, self.key_groups)
+    }
+    pub fn owner(&self, kg: u32) -> usize {
+        keygroup::owner(kg, self.key_groups, self.parallelism)
+    }
+}
+
+type AggKey = (i64, Key, Key);
+
+/// The sending side of one worker for one batch: outboxes per target worker, sorted by key.
+pub struct ExchangeWriter<'f> {
+    routing: Routing,
+    frame: &'f BatchFrame,
+    next_crossing: usize,
+    pending: HashMap<u32, HashMap<AggKey, u64>>,
+    outboxes: Vec<Vec<Message>>,
+    /// Increments sent and messages flushed, for the exchange's metrics.
+    pub increments_in: u64,
+    pub increments_out: u64,
+}
+
+impl<'f> ExchangeWriter<'f> {
+    pub fn new(routing: Routing, frame: &'f BatchFrame) -> Self {
+        Self {
+            routing,
+            frame,
+            next_crossing: 0,
+            pending: HashMap::new(),
+            outboxes: (0..routing.parallelism).map(|_| Vec::new()).collect(),
+            increments_in: 0,
+            increments_out: 0,
+        }
+    }
+
+    pub fn routing(&self) -> Routing {
+        self.routing
+    }
+
+    /// Call before producing anything for the event with sequence `seq`.
+    pub fn begin_event(&mut self, seq: u64) {
+        let crossings = &self.frame.crossings;
+        let mut first_passed = None;
+        while self.next_crossing < crossings.len() && crossings[self.next_crossing].seq <= seq {
+            first_passed.get_or_insert(crossings[self.next_crossing].seq);
+            self.next_crossing += 1;
+        }
+        // Everything pending predates the first crossing passed (it would have been flushed
+        // at an earlier one otherwise), so it belongs right before that crossing.
+        if let Some(c) = first_passed {
+            self.flush_all((c, RANK_CROSSING));
+        }
+    }
+
+    /// Add `weight` to `(item, other)` in `pane`; `other == item` with the item's own
+    /// popularity is sent as a request instead.
+    pub fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
+        self.increments_in += 1;
+        *self
+            .pending
+            .entry(kg)
+            .or_default()
+            .entry((pane, item.clone(), other.clone()))
+            .or_insert(0) += weight;
+    }
+
+    /// Send a recommendation request, after everything pending for its key group.
+    pub fn request(&mut self, kg: u32, req: RecRequest) {
+        let seq = req.seq;
+        self.flush(kg, (seq, RANK_OWN));
+        let owner = self.routing.owner(kg);
+        self.outboxes[owner].push(Message {
+            key: (seq, RANK_REQUEST),
+            payload: Payload::Request(Box::new(req)),
+        });
+    }
+
+    fn flush(&mut self, kg: u32, key: MsgKey) {
+        let Some(agg) = self.pending.remove(&kg) else { return };
+        if agg.is_empty() {
+            return;
+        }
+        self.increments_out += agg.len() as u64;
+        let adds = agg
+            .into_iter()
+            .map(|((pane, item, other), weight)| Increment {
+                pane,
+                item,
+                other,
+                weight,
+            })
+            .collect();
+        let owner = self.routing.owner(kg);
+        self.outboxes[owner].push(Message {
+            key,
+            payload: Payload::Increments(adds),
+        });
+    }
+
+    fn flush_all(&mut self, key: MsgKey) {
+        let mut kgs: Vec<u32> = self.pending.keys().copied().collect();
+        kgs.sort_unstable();
+        for kg in kgs {
+            self.flush(kg, key);
+        }
+    }
+
+    /// End of the batch: flush everything and hand over the outboxes.
+    pub fn finish(mut self) -> Outboxes {
+        // What is pending predates the first crossing this sender has not passed, which may
+        // come from other senders' events: flush right before it (or at the batch end).
+        let at = self
+            .frame
+            .crossings
+            .get(self.next_crossing)
+            .map_or(self.frame.end_seq, |c| c.seq);
+        self.flush_all((at, RANK_CROSSING));
+        Outboxes {
+            boxes: self.outboxes,
+            increments_in: self.increments_in,
+            increments_out: self.increments_out,
+        }
+    }
+}
+
+pub struct Outboxes {
+    pub boxes: Vec<Vec<Message>>,
+    pub increments_in: u64,
+    pub increments_out: u64,
+}
+
+/// Merge the inboxes of one receiver (each sorted by key) into one key-ordered stream.
+pub fn merge_inboxes(inboxes: Vec<Vec<Message>>) -> impl Iterator<Item = Message> {
+    let mut iters: Vec<std::iter::Peekable<std::vec::IntoIter<Message>>> =
+        inboxes.into_iter().map(|v| v.into_iter().peekable()).collect();
+    std::iter::from_fn(move || {
+        let mut best: Option<(usize, MsgKey)> = None;
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some(m) = it.peek() {
+                if best.is_none_or(|(_, k)| m.key < k) {
+                    best = Some((i, m.key));
+                }
+            }
+        }
+        best.and_then(|(i, _)| iters[i].next())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+
+    fn req(seq: u64) -> RecRequest {
+        RecRequest {
+            seq,
+            wm: 0,
+            event: Event {
+                event_id: "e".into(),
+                user_id: "u".into(),
+                item_id: "i".into(),
+                kind: EventType::Click,
+                ts: 1,
+            },
+            weight: 1,
+            late: false,
+            excluded: vec![],
+        }
+    }
+
+    #[test]
+    fn aggregates_until_a_request_or_crossing_and_keeps_keys_sorted() {
+        let frame = BatchFrame {
+            end_seq: 10,
+            crossings: vec![Crossing { seq: 5, wm: 100 }],
+            wm_end: 100,
+        };
+        let routing = Routing {
+            key_groups: 4,
+            parallelism: 1,
+        };
+        let (a, b): (Key, Key) = ("a".into(), "b".into());
+        let mut x = ExchangeWriter::new(routing, &frame);
+        x.begin_event(1);
+        x.add(0, 0, &a, &b, 1);
+        x.add(1, 0, &b, &a, 1);
+        x.begin_event(2);
+        x.add(0, 0, &a, &b, 2);
+        x.request(0, req(2));
+        x.begin_event(6); // passes the crossing at 5: kg 1 is flushed there
+        x.add(1, 0, &b, &a, 4);
+        let out = x.finish();
+        let keys: Vec<MsgKey> = out.boxes[0].iter().map(|m| m.key).collect();
+        assert_eq!(keys, [(2, RANK_OWN), (2, RANK_REQUEST), (5, RANK_CROSSING), (10, RANK_CROSSING)]);
+
+        // A sender whose last event precedes a crossing flushes right before that crossing,
+        // even though the crossing is another sender's event.
+        let mut y = ExchangeWriter::new(routing, &frame);
+        y.begin_event(3);
+        y.add(1, 0, &b, &a, 1);
+        let out = y.finish();
+        assert_eq!(out.boxes[0][0].key, (5, RANK_CROSSING));
+        let Payload::Increments(adds) = &out.boxes[0][0].payload else { panic!() };
+        assert_eq!(adds.len(), 1);
+        assert_eq!(adds[0].weight, 3, "two increments summed");
+        assert_eq!((out.increments_in, out.increments_out), (4, 3));
+    }
+
+    use super::super::Crossing;
+
+    #[test]
+    fn merge_orders_by_key_across_senders() {
+        let m = |k: MsgKey| Message {
+            key: k,
+            payload: Payload::Increments(vec![]),
+        };
+        let merged: Vec<MsgKey> =
+            merge_inboxes(vec![vec![m((1, 2)), m((4, 0))], vec![m((2, 1)), m((4, 2))], vec![]])
+                .map(|m| m.key)
+                .collect();
+        assert_eq!(merged, [(1, 2), (2, 1), (4, 0), (4, 2)]);
+    }
+}

@@ -1,0 +1,45 @@
+//! The recommendation dataflow: a user-keyed stage (sessions → co-visitation increments), an
+//! exchange that re-keys increments by item, and an item-keyed stage (sliding windows,
+//! ItemStats, recommendations). Pure logic: no I/O, no threads (the engine runs it).
+
+pub mod exchange;
+pub mod item;
+pub mod output;
+pub mod trending;
+pub mod user;
+pub mod window;
+
+use compact_str::CompactString;
+
+use crate::event::Event;
+
+/// User and item identifiers (inline up to 24 bytes: no allocation for typical ids).
+pub type Key = CompactString;
+
+/// An event as the dataflow sees it, stamped by the source with its position in the read
+/// order and the job watermark before it was read (`W_e` in docs/semantics.md).
+#[derive(Clone, Debug)]
+pub struct Stamped {
+    pub seq: u64,
+    pub wm: i64,
+    pub weight: u32,
+    pub event: Event,
+}
+
+/// A point in the read order where the watermark enters a new emission epoch: windows are
+/// emitted there, before the event with that sequence number is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    pub seq: u64,
+    pub wm: i64,
+}
+
+/// Everything one batch shares with every worker: its sequence range and watermark crossings.
+#[derive(Clone, Debug, Default)]
+pub struct BatchFrame {
+    /// First sequence number after the batch.
+    pub end_seq: u64,
+    pub crossings: Vec<Crossing>,
+    /// The watermark after the batch (the next batch's first `W_e`).
+    pub wm_end: i64,
+}

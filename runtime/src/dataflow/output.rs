@@ -1,0 +1,88 @@
+//! Output records (see docs/semantics.md for their JSON shape).
+
+use serde::{Deserialize, Serialize};
+
+use super::Key;
+use crate::event::EventType;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Neighbor {
+    pub item_id: Key,
+    pub weight: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemStats {
+    pub item_id: Key,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub popularity: u64,
+    pub neighbors: Vec<Neighbor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Scored {
+    pub item_id: Key,
+    pub score: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    pub event_id: Key,
+    pub user_id: Key,
+    pub item_id: Key,
+    pub ts: i64,
+    pub items: Vec<Scored>,
+}
+
+/// An event that arrived after all of its windows were emitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LateEvent {
+    pub event_id: Key,
+    pub user_id: Key,
+    pub item_id: Key,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub ts: i64,
+    /// The watermark the event was judged against.
+    pub watermark: i64,
+}
+
+/// Sort key of ranked lists: weight descending, then id ascending (byte order).
+pub fn rank_order(a: &(u64, &Key), b: &(u64, &Key)) -> std::cmp::Ordering {
+    b.0.cmp(&a.0).then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
+}
+
+/// The top `n` of `(id, weight)` pairs with weight > 0, in rank order.
+pub fn top_n<'a>(entries: impl Iterator<Item = (&'a Key, u64)>, n: usize) -> Vec<(&'a Key, u64)> {
+    let mut v: Vec<(u64, &Key)> = entries.filter(|(_, w)| *w > 0).map(|(k, w)| (w, k)).collect();
+    if n == 0 {
+        return Vec::new();
+    }
+    if v.len() > n {
+        v.select_nth_unstable_by(n - 1, rank_order);
+        v.truncate(n);
+    }
+    v.sort_unstable_by(rank_order);
+    v.into_iter().map(|(w, k)| (k, w)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_n_orders_by_weight_then_id() {
+        let keys: Vec<Key> = ["b", "a", "c", "d", "z"].iter().map(|s| Key::from(*s)).collect();
+        let weights = [3u64, 3, 5, 0, 1];
+        let top = top_n(keys.iter().zip(weights), 3);
+        let ids: Vec<&str> = top.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(ids, ["c", "a", "b"]);
+        assert_eq!(top_n(keys.iter().zip(weights), 10).len(), 4, "zero weights dropped");
+    }
+}

@@ -1,0 +1,671 @@
+//! The local engine: a micro-batch loop over the dataflow with `parallelism` worker threads,
+//! each owning a contiguous range of key groups for both stages.
+//!
+//! A batch is one read round of the source. It is stamped (sequence numbers, watermarks,
+//! emission crossings), then run in three phases: user stage → exchange → item stage →
+//! trending fill. Between batches every worker is quiescent, so a checkpoint barrier is
+//! simply "between two batches": no alignment, and the snapshot is consistent by
+//! construction.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
+
+use crate::checkpoint::store::{self as ckstore, CheckpointStore, FileStore};
+use crate::checkpoint::{self, Manifest, MANIFEST};
+use crate::config::JobConfig;
+use crate::dataflow::exchange::{merge_inboxes, ExchangeWriter, Outboxes, Routing};
+use crate::dataflow::item::{ItemOutput, ItemParams, ItemStage, PANES};
+use crate::dataflow::trending::TrendingBoard;
+use crate::dataflow::user::{UserParams, UserStage, HISTORIES};
+use crate::dataflow::window::Windowing;
+use crate::dataflow::{BatchFrame, Crossing, Stamped};
+use crate::event::DeadLetter;
+use crate::keygroup;
+use crate::metrics::Metrics;
+use crate::sink::{Sink, Stream};
+use crate::source::{Polled, Source};
+use crate::state::{codec, StateManager};
+use crate::{Error, Result};
+
+/// Where to start from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Restore {
+    /// Fresh state.
+    None,
+    /// The newest checkpoint in the job's store; fresh if there is none.
+    Latest,
+    /// A checkpoint or savepoint directory (containing `_manifest.json`).
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for Restore {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "latest" => Self::Latest,
+            "none" => Self::None,
+            path => Self::Path(PathBuf::from(path)),
+        })
+    }
+}
+
+/// Requests from outside the engine loop (the HTTP API).
+pub enum Control {
+    Savepoint(Sender<std::result::Result<CheckpointInfo, String>>),
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointInfo {
+    pub id: u64,
+    pub location: String,
+    pub duration_ms: u64,
+    pub uploaded_bytes: u64,
+    pub size_bytes: u64,
+}
+
+struct Worker {
+    range: std::ops::Range<u32>,
+    user: UserStage,
+    item: ItemStage,
+}
+
+pub struct Engine {
+    cfg: JobConfig,
+    source: Box<dyn Source>,
+    sink: Box<dyn Sink>,
+    store: Box<dyn CheckpointStore>,
+    state: StateManager,
+    workers: Vec<Worker>,
+    routing: Routing,
+    windowing: Windowing,
+    tracker: crate::watermark::WatermarkTracker,
+    board: TrendingBoard,
+    next_seq: u64,
+    last_stamp: i64,
+    last_id: u64,
+    /// The checkpoint ids already used in the store (new ones continue after the largest).
+    next_id: u64,
+    metrics: Arc<Metrics>,
+    control: Option<Receiver<Control>>,
+    last_checkpoint_at: Instant,
+    last_read: Vec<Instant>,
+    polled: Vec<Polled>,
+    rate_window: (Instant, u64),
+    /// Per-batch (events, seconds from read to output) for latency percentiles.
+    pub latency: Option<hdrhistogram::Histogram<u64>>,
+    pub checkpoint_log: Vec<CheckpointInfo>,
+}
+
+impl Engine {
+    pub fn new(
+        cfg: JobConfig,
+        source: Box<dyn Source>,
+        sink: Box<dyn Sink>,
+        restore: Restore,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let store = ckstore::open(&cfg.checkpoint_store)?;
+        let df = &cfg.dataflow;
+        let windowing = Windowing::new(df);
+        let routing = Routing {
+            key_groups: cfg.key_groups,
+            parallelism: cfg.parallelism,
+        };
+        let board = TrendingBoard::new(df.top_k, df.history_length);
+        let workers = (0..cfg.parallelism)
+            .map(|w| Worker {
+                range: keygroup::range_of(w, cfg.key_groups, cfg.parallelism),
+                user: UserStage::new(UserParams {
+                    history_length: df.history_length,
+                    session_gap: df.session_gap.0,
+                    exclude_purchased: df.exclude_purchased,
+                    windowing,
+                }),
+                item: ItemStage::new(ItemParams {
+                    windowing,
+                    neighbor_limit: df.neighbor_limit,
+                    top_k: df.top_k,
+                    trending_capacity: board.capacity(),
+                    emit_stats: cfg.sink.item_stats,
+                }),
+            })
+            .collect();
+        let existing = checkpoint::completed_ids(&store.list("chk-")?);
+        let partitions = source.partitions();
+        let located = locate(store.as_ref(), &restore)?;
+        let state_dir = cfg.state_dir.clone();
+        let mut engine = match located {
+            None => {
+                tracing::info!(store = %cfg.checkpoint_store, "starting with fresh state");
+                let state = StateManager::create(&state_dir)?;
+                Self::assemble(cfg, source, sink, store, state, workers, routing, windowing, board, metrics)
+            }
+            Some((restore_store, base, manifest)) => {
+                if manifest.key_groups != cfg.key_groups {
+                    return Err(Error::Config(format!(
+                        "checkpoint {} has {} key groups, the job {}: key groups are fixed for the life of a job",
+                        manifest.id, manifest.key_groups, cfg.key_groups
+                    )));
+                }
+                let from = restore_store.as_ref().map_or(store.as_ref(), |s| s.as_ref());
+                let state = StateManager::restore(&state_dir, from, &base, &manifest, restore_store.is_none())?;
+                tracing::info!(
+                    checkpoint = manifest.id,
+                    parallelism_then = manifest.parallelism,
+                    parallelism_now = cfg.parallelism,
+                    "restoring"
+                );
+                let mut e =
+                    Self::assemble(cfg, source, sink, store, state, workers, routing, windowing, board, metrics);
+                e.restore_from(manifest)?;
+                e
+            }
+        };
+        engine.next_id = engine.next_id.max(existing.last().copied().unwrap_or(0) + 1).max(engine.last_id + 1);
+        if engine.last_id == 0 {
+            // A fresh start: nothing an earlier incarnation left pending may ever be published.
+            engine.sink.recover(0, engine.next_id)?;
+        } else {
+            engine.sink.recover(engine.last_id, engine.next_id)?;
+        }
+        for p in 0..partitions {
+            if engine.source.is_finished(p) {
+                engine.tracker.finish(p);
+            }
+        }
+        engine.metrics.ready.store(true, Relaxed);
+        Ok(engine)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: JobConfig,
+        source: Box<dyn Source>,
+        sink: Box<dyn Sink>,
+        store: Box<dyn CheckpointStore>,
+        state: StateManager,
+        workers: Vec<Worker>,
+        routing: Routing,
+        windowing: Windowing,
+        board: TrendingBoard,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let partitions = source.partitions();
+        let tracker = crate::watermark::WatermarkTracker::new(partitions, cfg.dataflow.max_out_of_orderness.0);
+        Self {
+            cfg,
+            source,
+            sink,
+            store,
+            state,
+            workers,
+            routing,
+            windowing,
+            last_stamp: tracker.current(),
+            tracker,
+            board,
+            next_seq: 0,
+            last_id: 0,
+            next_id: 1,
+            metrics,
+            control: None,
+            last_checkpoint_at: Instant::now(),
+            last_read: vec![Instant::now(); partitions as usize],
+            polled: Vec::new(),
+            rate_window: (Instant::now(), 0),
+            latency: None,
+            checkpoint_log: Vec::new(),
+        }
+    }
+
+    fn restore_from(&mut self, m: Manifest) -> Result<()> {
+        let routing = self.routing;
+        let workers = &mut self.workers;
+        self.state.for_each(|key, value| {
+            let (kg, tag, rest) = codec::split_key(key)?;
+            let w = &mut workers[routing.owner(kg)];
+            match tag {
+                t if t == HISTORIES.tag => w.user.restore(kg, rest, value),
+                t if t == PANES.tag => w.item.restore(kg, rest, value),
+                other => Err(Error::CorruptState(format!("unknown state tag {other}"))),
+            }
+        })?;
+        let wm = m.watermark.current();
+        for w in &mut self.workers {
+            w.item.resume(wm);
+        }
+        if m.sources.len() != self.source.partitions() as usize {
+            return Err(Error::Config(format!(
+                "checkpoint {} has {} source partitions, the job has {}",
+                m.id,
+                m.sources.len(),
+                self.source.partitions()
+            )));
+        }
+        self.source.seek(&m.sources)?;
+        self.tracker = m.watermark;
+        self.last_stamp = wm;
+        self.next_seq = m.next_seq;
+        self.board = m.trending;
+        self.last_id = m.id;
+        self.metrics.events_in.store(m.events_in, Relaxed);
+        self.metrics.checkpoint_last_id.store(m.id, Relaxed);
+        Ok(())
+    }
+
+    pub fn set_control(&mut self, rx: Receiver<Control>) {
+        self.control = Some(rx);
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn state(&self) -> &StateManager {
+        &self.state
+    }
+
+    pub fn last_checkpoint_id(&self) -> u64 {
+        self.last_id
+    }
+
+    pub fn enable_latency_histogram(&mut self) {
+        self.latency = Some(hdrhistogram::Histogram::new(3).expect("valid sigfig"));
+    }
+
+    /// Run until the (bounded) source is exhausted, then take a final checkpoint.
+    pub fn run(&mut self) -> Result<()> {
+        while self.step()? {
+            self.maybe_checkpoint()?;
+        }
+        self.checkpoint(false)?;
+        self.metrics.finished.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// Checkpoint if the interval elapsed; serve savepoint requests.
+    pub fn maybe_checkpoint(&mut self) -> Result<()> {
+        if let Some(rx) = &self.control {
+            let requests: Vec<Control> = rx.try_iter().collect();
+            for Control::Savepoint(reply) in requests {
+                let r = self.checkpoint(true).map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        }
+        if self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval.as_std() {
+            self.checkpoint(false)?;
+        }
+        Ok(())
+    }
+
+    /// Process one batch. Returns false once every partition is finished and drained.
+    pub fn step(&mut self) -> Result<bool> {
+        let parts = self.source.partitions().max(1) as usize;
+        let per_partition = (self.cfg.max_batch_size / parts).max(1);
+        let mut polled = std::mem::take(&mut self.polled);
+        polled.clear();
+        let read_at = Instant::now();
+        self.source.poll_round(per_partition, &mut polled)?;
+        let all_finished = (0..self.source.partitions()).all(|p| self.source.is_finished(p));
+        if polled.is_empty() {
+            self.polled = polled;
+            if all_finished {
+                return Ok(false);
+            }
+            self.mark_idle();
+            // Nothing to read right now (live sources): let the caller wait.
+            std::thread::sleep(Duration::from_millis(1));
+            return Ok(true);
+        }
+
+        // Stamp: sequence numbers, W_e, emission crossings.
+        let mut stamped = Vec::with_capacity(polled.len());
+        let mut dead: Vec<DeadLetter> = Vec::new();
+        let mut crossings = Vec::new();
+        let weights = self.cfg.dataflow.weights.clone();
+        for rec in polled.drain(..) {
+            let p = rec.partition;
+            self.last_read[p as usize] = read_at;
+            match rec.record {
+                Ok(event) => {
+                    let wm = self.tracker.current();
+                    if self.windowing.epoch(wm) > self.windowing.epoch(self.last_stamp) {
+                        crossings.push(Crossing { seq: self.next_seq, wm });
+                    }
+                    self.last_stamp = wm;
+                    self.tracker.observe(p, event.ts);
+                    stamped.push(Stamped {
+                        seq: self.next_seq,
+                        wm,
+                        weight: event.kind.weight(&weights),
+                        event,
+                    });
+                    self.next_seq += 1;
+                }
+                Err(dl) => dead.push(dl),
+            }
+            if rec.last {
+                self.tracker.finish(p);
+            }
+        }
+        self.polled = polled;
+        let frame = BatchFrame {
+            end_seq: self.next_seq,
+            crossings,
+            wm_end: self.tracker.current(),
+        };
+        self.process(&stamped, &frame, &dead)?;
+        self.last_stamp = frame.wm_end;
+
+        let n = stamped.len() as u64;
+        let m = &self.metrics;
+        m.events_in.fetch_add(n, Relaxed);
+        m.dead_lettered.fetch_add(dead.len() as u64, Relaxed);
+        m.watermark.store(frame.wm_end, Relaxed);
+        if let Some(t) = self.tracker.max_event_time() {
+            m.max_event_time.store(t, Relaxed);
+        }
+        let busy = read_at.elapsed();
+        m.busy_nanos.fetch_add(busy.as_nanos() as u64, Relaxed);
+        if let Some(h) = &mut self.latency {
+            let _ = h.record_n(busy.as_micros().max(1) as u64, n.max(1));
+        }
+        let (since, count) = self.rate_window;
+        let elapsed = since.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let total = m.events_in.load(Relaxed);
+            m.set_rate((total - count) as f64 / elapsed.as_secs_f64());
+            self.rate_window = (Instant::now(), total);
+        }
+        Ok(true)
+    }
+
+    fn mark_idle(&mut self) {
+        let timeout = self.cfg.dataflow.idle_timeout.as_std();
+        for p in 0..self.source.partitions() {
+            if !self.source.is_finished(p) && self.last_read[p as usize].elapsed() >= timeout {
+                self.tracker.set_idle(p, true);
+            }
+        }
+    }
+
+    fn process(&mut self, stamped: &[Stamped], frame: &BatchFrame, dead: &[DeadLetter]) -> Result<()> {
+        let routing = self.routing;
+        let par = self.workers.len();
+        // Phase 1: user stage, by owner of the user's key group.
+        let mut by_worker: Vec<Vec<(usize, u32)>> = vec![Vec::new(); par];
+        for (i, s) in stamped.iter().enumerate() {
+            let kg = routing.key_group(s.event.user_id.as_bytes());
+            by_worker[routing.owner(kg)].push((i, kg));
+        }
+        let outboxes: Vec<Outboxes> = run_parallel(&mut self.workers, by_worker, |w, mine| {
+            let mut x = ExchangeWriter::new(routing, frame);
+            for (i, kg) in mine {
+                w.user.process(&stamped[i], kg, &mut x);
+            }
+            x.finish()
+        });
+        // Exchange: transpose sender outboxes into receiver inboxes.
+        let mut inboxes: Vec<Vec<Vec<crate::dataflow::exchange::Message>>> =
+            (0..par).map(|_| Vec::with_capacity(par)).collect();
+        for o in outboxes {
+            self.metrics.increments_in.fetch_add(o.increments_in, Relaxed);
+            self.metrics.increments_out.fetch_add(o.increments_out, Relaxed);
+            for (dst, b) in o.boxes.into_iter().enumerate() {
+                inboxes[dst].push(b);
+            }
+        }
+        // Phase 2: item stage.
+        let outputs: Vec<ItemOutput> = run_parallel(&mut self.workers, inboxes, |w, inbox| {
+            w.item
+                .process_batch(merge_inboxes(inbox), frame, |k| routing.key_group(k))
+        });
+        for o in &outputs {
+            for (end, list) in &o.trending {
+                self.board.merge(*end, list.clone());
+            }
+        }
+        // Phase 3: trending fill and serialisation.
+        let board = &self.board;
+        let k = self.cfg.dataflow.top_k;
+        let lateness = self.windowing.lateness;
+        let serialised: Vec<[Vec<u8>; 3]> = run_parallel(&mut self.workers, outputs, |_, mut o| {
+            let mut recs = Vec::with_capacity(o.recs.len() * 256);
+            for p in &mut o.recs {
+                board.fill(&mut p.rec.items, k, &p.excluded, p.wm, lateness);
+                write_json_line(&mut recs, &p.rec);
+            }
+            let mut stats = Vec::new();
+            for s in &o.stats {
+                write_json_line(&mut stats, s);
+            }
+            let mut late = Vec::new();
+            for l in &o.late {
+                write_json_line(&mut late, l);
+            }
+            let m = &self.metrics;
+            m.recommendations_out.fetch_add(o.recs.len() as u64, Relaxed);
+            m.item_stats_out.fetch_add(o.stats.len() as u64, Relaxed);
+            m.late.fetch_add(o.late.len() as u64, Relaxed);
+            m.windows_emitted.fetch_add(o.windows_emitted, Relaxed);
+            [recs, stats, late]
+        });
+        for [recs, stats, late] in serialised {
+            self.sink.write(Stream::Recommendations, &recs)?;
+            self.sink.write(Stream::ItemStats, &stats)?;
+            self.sink.write(Stream::Late, &late)?;
+        }
+        let mut dl = Vec::new();
+        for d in dead {
+            write_json_line(&mut dl, d);
+        }
+        self.sink.write(Stream::DeadLetter, &dl)?;
+        self.board.prune(frame.wm_end, lateness);
+        Ok(())
+    }
+
+    /// Take a checkpoint (or a self-contained savepoint) at this batch boundary.
+    pub fn checkpoint(&mut self, savepoint: bool) -> Result<CheckpointInfo> {
+        let started = Instant::now();
+        let id = self.next_id;
+        let wm = self.tracker.current();
+        let mut ops = Vec::new();
+        let (mut users, mut panes) = (0u64, 0u64);
+        for w in &mut self.workers {
+            w.user.expire(wm);
+            w.user.snapshot(&mut ops);
+            w.item.snapshot(w.range.clone(), &mut ops);
+            users += w.user.users() as u64;
+            panes += w.item.pane_entries() as u64;
+        }
+        self.state.apply(ops)?;
+        self.sink.pre_commit(id)?;
+        let up = self.state.checkpoint(self.store.as_ref(), id)?;
+        let manifest = Manifest {
+            id,
+            job_name: self.cfg.name.clone(),
+            created_at_ms: now_ms(),
+            self_contained: false,
+            key_groups: self.cfg.key_groups,
+            parallelism: self.cfg.parallelism,
+            files: up.files.clone(),
+            sources: self.source.positions(),
+            watermark: self.tracker.clone(),
+            next_seq: self.next_seq,
+            sink_epoch: id,
+            trending: self.board.clone(),
+            events_in: self.metrics.events_in.load(Relaxed),
+        };
+        // The commit point: the checkpoint exists once its manifest does.
+        self.store
+            .put_bytes(&checkpoint::manifest_key(id), &serde_json::to_vec_pretty(&manifest)?)?;
+        self.last_id = id;
+        self.next_id = id + 1;
+        self.sink.commit(id)?;
+        self.source.on_checkpoint_complete(id)?;
+        self.collect_garbage()?;
+        let mut location = self.store.location(&checkpoint::checkpoint_dir(id));
+        if savepoint {
+            location = self.write_savepoint(&manifest)?;
+        }
+        self.last_checkpoint_at = Instant::now();
+        let info = CheckpointInfo {
+            id,
+            location,
+            duration_ms: started.elapsed().as_millis() as u64,
+            uploaded_bytes: up.uploaded_bytes,
+            size_bytes: up.total_bytes,
+        };
+        let m = &self.metrics;
+        m.checkpoint_last_id.store(id, Relaxed);
+        m.checkpoints_completed.fetch_add(1, Relaxed);
+        m.checkpoint_duration_ms.store(info.duration_ms, Relaxed);
+        m.checkpoint_uploaded_bytes.store(info.uploaded_bytes, Relaxed);
+        m.checkpoint_size_bytes.store(info.size_bytes, Relaxed);
+        m.users.store(users, Relaxed);
+        m.pane_entries.store(panes, Relaxed);
+        tracing::info!(
+            checkpoint = id,
+            savepoint,
+            duration_ms = info.duration_ms,
+            uploaded_bytes = info.uploaded_bytes,
+            size_bytes = info.size_bytes,
+            users,
+            pane_entries = panes,
+            "checkpoint completed"
+        );
+        self.checkpoint_log.push(info.clone());
+        Ok(info)
+    }
+
+    fn collect_garbage(&mut self) -> Result<()> {
+        let keys = self.store.list("chk-")?;
+        let ids = checkpoint::completed_ids(&keys);
+        for old in checkpoint::expired(&ids, self.cfg.retained_checkpoints) {
+            // Manifest first: a half-deleted checkpoint must not look complete.
+            self.store.delete(&checkpoint::manifest_key(old))?;
+        }
+        // Files of checkpoints that are expired or never completed (a crash mid-way), older
+        // than the newest retained one.
+        let live = checkpoint::completed_ids(&self.store.list("chk-")?);
+        let oldest_live = live.first().copied().unwrap_or(u64::MAX);
+        for k in &keys {
+            let id = k.strip_prefix("chk-").and_then(|r| r.split('/').next()).and_then(|n| n.parse::<u64>().ok());
+            if id.is_some_and(|id| id < oldest_live && !live.contains(&id)) {
+                self.store.delete(k)?;
+            }
+        }
+        let mut retained = Vec::new();
+        for id in checkpoint::completed_ids(&self.store.list("chk-")?) {
+            let bytes = self.store.get_bytes(&checkpoint::manifest_key(id))?;
+            retained.push(serde_json::from_slice::<Manifest>(&bytes)?);
+        }
+        let shared = self.store.list("shared/")?;
+        let garbage: Vec<String> = checkpoint::garbage(&shared, &retained).into_iter().cloned().collect();
+        for k in &garbage {
+            self.store.delete(k)?;
+        }
+        self.state.forget(&garbage);
+        Ok(())
+    }
+
+    /// Copy a completed checkpoint into a self-contained savepoint directory.
+    fn write_savepoint(&self, m: &Manifest) -> Result<String> {
+        let dir = checkpoint::savepoint_dir(m.id);
+        let tmp = tempfile::tempdir().map_err(|e| Error::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+        let mut sp = m.clone();
+        sp.self_contained = true;
+        for f in &mut sp.files {
+            let local = tmp.path().join(&f.name);
+            self.store.get_file(&f.key, &local)?;
+            f.key = f.name.clone();
+            self.store.put_file(&format!("{dir}/{}", f.name), &local)?;
+        }
+        self.store
+            .put_bytes(&format!("{dir}/{MANIFEST}"), &serde_json::to_vec_pretty(&sp)?)?;
+        Ok(self.store.location(&dir))
+    }
+}
+
+fn write_json_line<T: Serialize>(buf: &mut Vec<u8>, v: &T) {
+    serde_json::to_writer(&mut *buf, v).expect("output records serialise");
+    buf.push(b'\n');
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Run `f` for every worker with its input, on scoped threads (inline for one worker).
+fn run_parallel<I: Send, O: Send>(
+    workers: &mut [Worker],
+    inputs: Vec<I>,
+    f: impl Fn(&mut Worker, I) -> O + Sync,
+) -> Vec<O> {
+    if workers.len() == 1 {
+        return workers.iter_mut().zip(inputs).map(|(w, i)| f(w, i)).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .zip(inputs)
+            .map(|(w, i)| {
+                let f = &f;
+                s.spawn(move || f(w, i))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+    })
+}
+
+type Located = (Option<Box<dyn CheckpointStore>>, String, Manifest);
+
+/// Find the manifest to restore from: `None` for a fresh start. The store is `None` when it
+/// is the job's own store.
+fn locate(store: &dyn CheckpointStore, restore: &Restore) -> Result<Option<Located>> {
+    match restore {
+        Restore::None => Ok(None),
+        Restore::Latest => {
+            let ids = checkpoint::completed_ids(&store.list("chk-")?);
+            let Some(id) = ids.last() else {
+                tracing::warn!("--restore latest: no completed checkpoint yet, starting fresh");
+                return Ok(None);
+            };
+            let m: Manifest = serde_json::from_slice(&store.get_bytes(&checkpoint::manifest_key(*id))?)?;
+            Ok(Some((None, String::new(), m)))
+        }
+        Restore::Path(path) => {
+            let dir = if path.ends_with(MANIFEST) {
+                path.parent().unwrap_or(Path::new("/")).to_path_buf()
+            } else {
+                path.clone()
+            };
+            let manifest_path = dir.join(MANIFEST);
+            let bytes = std::fs::read(&manifest_path).map_err(|e| Error::Io {
+                path: manifest_path.clone(),
+                source: e,
+            })?;
+            let m: Manifest = serde_json::from_slice(&bytes)?;
+            // Keys are relative to the savepoint itself, or to the store root above `chk-N/`.
+            let root = if m.self_contained {
+                dir
+            } else {
+                dir.parent().unwrap_or(Path::new("/")).to_path_buf()
+            };
+            Ok(Some((Some(Box::new(FileStore::new(root)?)), String::new(), m)))
+        }
+    }
+}
