@@ -5,7 +5,7 @@ export RIFFLE_CACHE ?= $(HOME)/.cache/riffle
 export CARGO_TARGET_DIR ?= $(RIFFLE_CACHE)/target
 CARGO ?= cargo
 
-.PHONY: demo test test-unit test-e2e bench lint fmt deps build fuzz
+.PHONY: demo test bench lint fmt deps build fuzz
 
 deps:
 	@scripts/install-deps.sh
@@ -13,27 +13,27 @@ deps:
 build: deps
 	$(CARGO) build --workspace --all-targets
 
+# Always select the whole workspace: cargo unifies dependency features over the selected
+# packages, so `-p` would build RocksDB & co. a second time with another feature set.
+RIFFLE := $(CARGO_TARGET_DIR)/debug/riffle
+
 ## The embedded demo: a generated clickstream through the whole dataflow, under a minute.
 demo: deps
-	$(CARGO) run -q -p riffle-runtime --bin riffle -- demo
+	$(CARGO) build -q --workspace --bin riffle
+	$(RIFFLE) demo
 
-## Everything: unit, property, exactly-once, backtest, then the test bed and end-to-end tests.
+## Everything: unit, property, exactly-once, backtest, and the end-to-end suite on the test bed.
 test: deps
-	$(MAKE) test-unit
-	$(MAKE) test-e2e
-
-test-unit:
-	$(CARGO) test -p riffle-runtime -p riffle-operator
-
-test-e2e:
+	$(CARGO) test --workspace --no-run
 	e2e/testbed/testbed up
-	set -o pipefail; eval "$$(e2e/testbed/testbed env)" && $(CARGO) test -p riffle-e2e; \
+	eval "$$(e2e/testbed/testbed env)" && $(CARGO) test --workspace; \
 	  rc=$$?; e2e/testbed/testbed down; exit $$rc
 
 ## Criterion micro-benchmarks and the whole-pipeline benchmark (release build).
 bench: deps
-	$(CARGO) bench -p riffle-runtime --bench dataflow
-	$(CARGO) run --release -p riffle-runtime --bin riffle -- bench
+	$(CARGO) bench --workspace --bench dataflow
+	$(CARGO) build --release --workspace --bin riffle
+	$(CARGO_TARGET_DIR)/release/riffle bench
 
 lint:
 	$(CARGO) fmt --all --check

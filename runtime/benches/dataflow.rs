@@ -19,8 +19,12 @@ fn decode(c: &mut Criterion) {
     let v = Validation { max_ts: i64::MAX };
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("parse_json", |b| b.iter(|| parse_json(black_box(line), &v).unwrap()));
-    g.bench_function("key_group", |b| b.iter(|| key_group(black_box(b"u98765"), 128)));
+    g.bench_function("parse_json", |b| {
+        b.iter(|| parse_json(black_box(line), &v).unwrap())
+    });
+    g.bench_function("key_group", |b| {
+        b.iter(|| key_group(black_box(b"u98765"), 128))
+    });
     g.finish();
 }
 
@@ -43,51 +47,65 @@ fn dataflow_batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("dataflow");
     g.throughput(Throughput::Elements(BATCH));
     g.sample_size(20);
-    g.bench_function("user+exchange+item per 4096-event batch (steady state)", |b| {
-        let mut user = UserStage::new(UserParams {
-            history_length: df.history_length,
-            session_gap: df.session_gap.0,
-            exclude_purchased: true,
-            windowing,
-        });
-        let mut item = ItemStage::new(ItemParams {
-            windowing,
-            neighbor_limit: 20,
-            top_k: 20,
-            trending_capacity: 60,
-            emit_stats: true,
-        });
-        let mut k = 0u64;
-        let mut wm = i64::MIN;
-        b.iter(|| {
-            let events: Vec<Stamped> = (k..k + BATCH)
-                .map(|i| {
-                    let event = gen.event(0, i);
-                    let s = Stamped {
-                        seq: i,
-                        wm,
-                        weight: 1,
-                        event,
-                    };
-                    wm = wm.max(s.event.ts - 5000);
-                    s
-                })
-                .collect();
-            k += BATCH;
-            let frame = BatchFrame {
-                end_seq: k,
-                crossings: vec![Crossing { seq: k - 1, wm }],
-                wm_end: wm,
-            };
-            let mut x = ExchangeWriter::new(routing, &frame);
-            for s in &events {
-                user.process(s, routing.key_group(s.event.user_id.as_bytes()), &mut x);
-            }
-            let out = x.finish();
-            let res = item.process_batch(merge_inboxes(out.boxes.into_iter().take(1).map(|b| vec![b]).next().unwrap()), &frame, |k| routing.key_group(k));
-            black_box(res.recs.len())
-        })
-    });
+    g.bench_function(
+        "user+exchange+item per 4096-event batch (steady state)",
+        |b| {
+            let mut user = UserStage::new(UserParams {
+                history_length: df.history_length,
+                session_gap: df.session_gap.0,
+                exclude_purchased: true,
+                windowing,
+            });
+            let mut item = ItemStage::new(ItemParams {
+                windowing,
+                neighbor_limit: 20,
+                top_k: 20,
+                trending_capacity: 60,
+                emit_stats: true,
+            });
+            let mut k = 0u64;
+            let mut wm = i64::MIN;
+            b.iter(|| {
+                let events: Vec<Stamped> = (k..k + BATCH)
+                    .map(|i| {
+                        let event = gen.event(0, i);
+                        let s = Stamped {
+                            seq: i,
+                            wm,
+                            weight: 1,
+                            event,
+                        };
+                        wm = wm.max(s.event.ts - 5000);
+                        s
+                    })
+                    .collect();
+                k += BATCH;
+                let frame = BatchFrame {
+                    end_seq: k,
+                    crossings: vec![Crossing { seq: k - 1, wm }],
+                    wm_end: wm,
+                };
+                let mut x = ExchangeWriter::new(routing, &frame);
+                for s in &events {
+                    user.process(s, routing.key_group(s.event.user_id.as_bytes()), &mut x);
+                }
+                let out = x.finish();
+                let res = item.process_batch(
+                    merge_inboxes(
+                        out.boxes
+                            .into_iter()
+                            .take(1)
+                            .map(|b| vec![b])
+                            .next()
+                            .unwrap(),
+                    ),
+                    &frame,
+                    |k| routing.key_group(k),
+                );
+                black_box(res.recs.len())
+            })
+        },
+    );
     g.finish();
 }
 

@@ -53,7 +53,12 @@ impl FromStr for Duration {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
             if ms != 0 && ms % size == 0 {
                 return write!(f, "{}{unit}", ms / size);
             }
@@ -146,7 +151,10 @@ impl DataflowConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.window_slide.0 <= 0 {
-            return bad(format!("windowSlide must be positive, got {}", self.window_slide));
+            return bad(format!(
+                "windowSlide must be positive, got {}",
+                self.window_slide
+            ));
         }
         if self.window_size.0 <= 0 || self.window_size.0 % self.window_slide.0 != 0 {
             return bad(format!(
@@ -338,10 +346,14 @@ impl JobConfig {
             )));
         }
         if self.key_groups == 0 || self.key_groups > 32_768 {
-            return Err(Error::Config("keyGroups must be between 1 and 32768".into()));
+            return Err(Error::Config(
+                "keyGroups must be between 1 and 32768".into(),
+            ));
         }
         if self.retained_checkpoints == 0 {
-            return Err(Error::Config("retainedCheckpoints must be at least 1".into()));
+            return Err(Error::Config(
+                "retainedCheckpoints must be at least 1".into(),
+            ));
         }
         if self.max_batch_size == 0 {
             return Err(Error::Config("maxBatchSize must be at least 1".into()));

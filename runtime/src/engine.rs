@@ -145,7 +145,9 @@ impl Engine {
             None => {
                 tracing::info!(store = %cfg.checkpoint_store, "starting with fresh state");
                 let state = StateManager::create(&state_dir)?;
-                Self::assemble(cfg, source, sink, store, state, workers, routing, windowing, board, metrics)
+                Self::assemble(
+                    cfg, source, sink, store, state, workers, routing, windowing, board, metrics,
+                )
             }
             Some((restore_store, base, manifest)) => {
                 if manifest.key_groups != cfg.key_groups {
@@ -154,21 +156,33 @@ impl Engine {
                         manifest.id, manifest.key_groups, cfg.key_groups
                     )));
                 }
-                let from = restore_store.as_ref().map_or(store.as_ref(), |s| s.as_ref());
-                let state = StateManager::restore(&state_dir, from, &base, &manifest, restore_store.is_none())?;
+                let from = restore_store
+                    .as_ref()
+                    .map_or(store.as_ref(), |s| s.as_ref());
+                let state = StateManager::restore(
+                    &state_dir,
+                    from,
+                    &base,
+                    &manifest,
+                    restore_store.is_none(),
+                )?;
                 tracing::info!(
                     checkpoint = manifest.id,
                     parallelism_then = manifest.parallelism,
                     parallelism_now = cfg.parallelism,
                     "restoring"
                 );
-                let mut e =
-                    Self::assemble(cfg, source, sink, store, state, workers, routing, windowing, board, metrics);
+                let mut e = Self::assemble(
+                    cfg, source, sink, store, state, workers, routing, windowing, board, metrics,
+                );
                 e.restore_from(manifest)?;
                 e
             }
         };
-        engine.next_id = engine.next_id.max(existing.last().copied().unwrap_or(0) + 1).max(engine.last_id + 1);
+        engine.next_id = engine
+            .next_id
+            .max(existing.last().copied().unwrap_or(0) + 1)
+            .max(engine.last_id + 1);
         if engine.last_id == 0 {
             // A fresh start: nothing an earlier incarnation left pending may ever be published.
             engine.sink.recover(0, engine.next_id)?;
@@ -198,7 +212,10 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Self {
         let partitions = source.partitions();
-        let tracker = crate::watermark::WatermarkTracker::new(partitions, cfg.dataflow.max_out_of_orderness.0);
+        let tracker = crate::watermark::WatermarkTracker::new(
+            partitions,
+            cfg.dataflow.max_out_of_orderness.0,
+        );
         Self {
             cfg,
             source,
@@ -337,7 +354,10 @@ impl Engine {
                 Ok(event) => {
                     let wm = self.tracker.current();
                     if self.windowing.epoch(wm) > self.windowing.epoch(self.last_stamp) {
-                        crossings.push(Crossing { seq: self.next_seq, wm });
+                        crossings.push(Crossing {
+                            seq: self.next_seq,
+                            wm,
+                        });
                     }
                     self.last_stamp = wm;
                     self.tracker.observe(p, event.ts);
@@ -396,7 +416,12 @@ impl Engine {
         }
     }
 
-    fn process(&mut self, stamped: &[Stamped], frame: &BatchFrame, dead: &[DeadLetter]) -> Result<()> {
+    fn process(
+        &mut self,
+        stamped: &[Stamped],
+        frame: &BatchFrame,
+        dead: &[DeadLetter],
+    ) -> Result<()> {
         let routing = self.routing;
         let par = self.workers.len();
         // Phase 1: user stage, by owner of the user's key group.
@@ -416,8 +441,12 @@ impl Engine {
         let mut inboxes: Vec<Vec<Vec<crate::dataflow::exchange::Message>>> =
             (0..par).map(|_| Vec::with_capacity(par)).collect();
         for o in outboxes {
-            self.metrics.increments_in.fetch_add(o.increments_in, Relaxed);
-            self.metrics.increments_out.fetch_add(o.increments_out, Relaxed);
+            self.metrics
+                .increments_in
+                .fetch_add(o.increments_in, Relaxed);
+            self.metrics
+                .increments_out
+                .fetch_add(o.increments_out, Relaxed);
             for (dst, b) in o.boxes.into_iter().enumerate() {
                 inboxes[dst].push(b);
             }
@@ -451,7 +480,8 @@ impl Engine {
                 write_json_line(&mut late, l);
             }
             let m = &self.metrics;
-            m.recommendations_out.fetch_add(o.recs.len() as u64, Relaxed);
+            m.recommendations_out
+                .fetch_add(o.recs.len() as u64, Relaxed);
             m.item_stats_out.fetch_add(o.stats.len() as u64, Relaxed);
             m.late.fetch_add(o.late.len() as u64, Relaxed);
             m.windows_emitted.fetch_add(o.windows_emitted, Relaxed);
@@ -504,8 +534,10 @@ impl Engine {
             events_in: self.metrics.events_in.load(Relaxed),
         };
         // The commit point: the checkpoint exists once its manifest does.
-        self.store
-            .put_bytes(&checkpoint::manifest_key(id), &serde_json::to_vec_pretty(&manifest)?)?;
+        self.store.put_bytes(
+            &checkpoint::manifest_key(id),
+            &serde_json::to_vec_pretty(&manifest)?,
+        )?;
         self.last_id = id;
         self.next_id = id + 1;
         self.sink.commit(id)?;
@@ -527,7 +559,8 @@ impl Engine {
         m.checkpoint_last_id.store(id, Relaxed);
         m.checkpoints_completed.fetch_add(1, Relaxed);
         m.checkpoint_duration_ms.store(info.duration_ms, Relaxed);
-        m.checkpoint_uploaded_bytes.store(info.uploaded_bytes, Relaxed);
+        m.checkpoint_uploaded_bytes
+            .store(info.uploaded_bytes, Relaxed);
         m.checkpoint_size_bytes.store(info.size_bytes, Relaxed);
         m.users.store(users, Relaxed);
         m.pane_entries.store(panes, Relaxed);
@@ -557,7 +590,10 @@ impl Engine {
         let live = checkpoint::completed_ids(&self.store.list("chk-")?);
         let oldest_live = live.first().copied().unwrap_or(u64::MAX);
         for k in &keys {
-            let id = k.strip_prefix("chk-").and_then(|r| r.split('/').next()).and_then(|n| n.parse::<u64>().ok());
+            let id = k
+                .strip_prefix("chk-")
+                .and_then(|r| r.split('/').next())
+                .and_then(|n| n.parse::<u64>().ok());
             if id.is_some_and(|id| id < oldest_live && !live.contains(&id)) {
                 self.store.delete(k)?;
             }
@@ -568,7 +604,10 @@ impl Engine {
             retained.push(serde_json::from_slice::<Manifest>(&bytes)?);
         }
         let shared = self.store.list("shared/")?;
-        let garbage: Vec<String> = checkpoint::garbage(&shared, &retained).into_iter().cloned().collect();
+        let garbage: Vec<String> = checkpoint::garbage(&shared, &retained)
+            .into_iter()
+            .cloned()
+            .collect();
         for k in &garbage {
             self.store.delete(k)?;
         }
@@ -591,8 +630,10 @@ impl Engine {
             f.key = f.name.clone();
             self.store.put_file(&format!("{dir}/{}", f.name), &local)?;
         }
-        self.store
-            .put_bytes(&format!("{dir}/{MANIFEST}"), &serde_json::to_vec_pretty(&sp)?)?;
+        self.store.put_bytes(
+            &format!("{dir}/{MANIFEST}"),
+            &serde_json::to_vec_pretty(&sp)?,
+        )?;
         Ok(self.store.location(&dir))
     }
 }
@@ -616,7 +657,11 @@ fn run_parallel<I: Send, O: Send>(
     f: impl Fn(&mut Worker, I) -> O + Sync,
 ) -> Vec<O> {
     if workers.len() == 1 {
-        return workers.iter_mut().zip(inputs).map(|(w, i)| f(w, i)).collect();
+        return workers
+            .iter_mut()
+            .zip(inputs)
+            .map(|(w, i)| f(w, i))
+            .collect();
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = workers
@@ -627,7 +672,10 @@ fn run_parallel<I: Send, O: Send>(
                 s.spawn(move || f(w, i))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("worker panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
     })
 }
 
@@ -644,7 +692,8 @@ fn locate(store: &dyn CheckpointStore, restore: &Restore) -> Result<Option<Locat
                 tracing::warn!("--restore latest: no completed checkpoint yet, starting fresh");
                 return Ok(None);
             };
-            let m: Manifest = serde_json::from_slice(&store.get_bytes(&checkpoint::manifest_key(*id))?)?;
+            let m: Manifest =
+                serde_json::from_slice(&store.get_bytes(&checkpoint::manifest_key(*id))?)?;
             Ok(Some((None, String::new(), m)))
         }
         Restore::Path(path) => {
@@ -665,7 +714,11 @@ fn locate(store: &dyn CheckpointStore, restore: &Restore) -> Result<Option<Locat
             } else {
                 dir.parent().unwrap_or(Path::new("/")).to_path_buf()
             };
-            Ok(Some((Some(Box::new(FileStore::new(root)?)), String::new(), m)))
+            Ok(Some((
+                Some(Box::new(FileStore::new(root)?)),
+                String::new(),
+                m,
+            )))
         }
     }
 }

@@ -239,7 +239,9 @@ mod tests {
     use super::*;
 
     fn v() -> Validation {
-        Validation { max_ts: 2_000_000_000_000 }
+        Validation {
+            max_ts: 2_000_000_000_000,
+        }
     }
 
     #[test]
@@ -257,12 +259,30 @@ mod tests {
     fn reasons_are_specific() {
         let cases: [(&[u8], &str); 7] = [
             (b"{not json", "malformed JSON"),
-            (br#"{"userId":"u","itemId":"i","type":"view","ts":5}"#, "missing field eventId"),
-            (br#"{"eventId":"e","userId":"u","itemId":"i","type":"like","ts":5}"#, "unknown event type"),
-            (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":0}"#, "must be positive"),
-            (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":9000000000000}"#, "maxFutureSkew"),
-            (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":"5"}"#, "must be a number"),
-            (br#"{"eventId":"e","userId":"","itemId":"i","type":"view","ts":5}"#, "userId must not be empty"),
+            (
+                br#"{"userId":"u","itemId":"i","type":"view","ts":5}"#,
+                "missing field eventId",
+            ),
+            (
+                br#"{"eventId":"e","userId":"u","itemId":"i","type":"like","ts":5}"#,
+                "unknown event type",
+            ),
+            (
+                br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":0}"#,
+                "must be positive",
+            ),
+            (
+                br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":9000000000000}"#,
+                "maxFutureSkew",
+            ),
+            (
+                br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":"5"}"#,
+                "must be a number",
+            ),
+            (
+                br#"{"eventId":"e","userId":"","itemId":"i","type":"view","ts":5}"#,
+                "userId must not be empty",
+            ),
         ];
         for (raw, want) in cases {
             let err = parse_json(raw, &v()).unwrap_err();

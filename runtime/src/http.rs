@@ -30,7 +30,11 @@ pub fn router(job: String, metrics: Arc<Metrics>, control: Sender<Control>) -> R
         .route("/metrics", get(prometheus))
         .route("/status", get(status))
         .route("/savepoint", post(savepoint))
-        .with_state(Api { job, metrics, control })
+        .with_state(Api {
+            job,
+            metrics,
+            control,
+        })
 }
 
 async fn readyz(State(api): State<Api>) -> Response {
@@ -54,19 +58,38 @@ async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
 }
 
 async fn savepoint(State(api): State<Api>) -> Response {
-    if api.metrics.finished.load(std::sync::atomic::Ordering::Relaxed) {
-        return (StatusCode::CONFLICT, Json(json!({"error": "job already finished"}))).into_response();
+    if api
+        .metrics
+        .finished
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "job already finished"})),
+        )
+            .into_response();
     }
     let (tx, rx) = crossbeam_channel::bounded(1);
     if api.control.send(Control::Savepoint(tx)).is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "engine stopped"}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "engine stopped"})),
+        )
+            .into_response();
     }
     // The engine answers at its next batch boundary.
-    let answer = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(120))).await;
+    let answer =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(120))).await;
     match answer {
         Ok(Ok(Ok(info))) => (StatusCode::OK, Json(json!(info))).into_response(),
-        Ok(Ok(Err(e))) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e}))).into_response(),
-        _ => (StatusCode::GATEWAY_TIMEOUT, Json(json!({"error": "no answer from the engine"}))).into_response(),
+        Ok(Ok(Err(e))) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e}))).into_response()
+        }
+        _ => (
+            StatusCode::GATEWAY_TIMEOUT,
+            Json(json!({"error": "no answer from the engine"})),
+        )
+            .into_response(),
     }
 }
 
@@ -75,17 +98,19 @@ pub fn spawn(listen: SocketAddr, router: Router) -> std::io::Result<SocketAddr> 
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    std::thread::Builder::new().name("riffle-http".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!(error = %e, "HTTP API stopped");
-            }
-        });
-    })?;
+    std::thread::Builder::new()
+        .name("riffle-http".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!(error = %e, "HTTP API stopped");
+                }
+            });
+        })?;
     Ok(addr)
 }

@@ -91,14 +91,22 @@ mod tests {
         ("i123456", -2092944961, 63),
         ("a-little-bit-long-string", -985981536, 32),
         ("a-little-bit-longer-string", -1486304829, 67),
-        ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971, 77),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58897971,
+            77,
+        ),
     ];
 
     #[test]
     fn murmur2_and_key_groups_match_kafka() {
         for (key, hash, partition) in KAFKA_VECTORS {
             assert_eq!(murmur2(key.as_bytes()), hash, "murmur2({key:?})");
-            assert_eq!(key_group(key.as_bytes(), 128), partition, "partition of {key:?}");
+            assert_eq!(
+                key_group(key.as_bytes(), 128),
+                partition,
+                "partition of {key:?}"
+            );
         }
     }
 }

@@ -16,7 +16,11 @@ use riffle_runtime::metrics::Metrics;
 use riffle_runtime::sink::{file::read_committed, Stream};
 
 #[derive(Parser)]
-#[command(name = "riffle", version, about = "Riffle: real-time recommendations, windowed and exactly-once")]
+#[command(
+    name = "riffle",
+    version,
+    about = "Riffle: real-time recommendations, windowed and exactly-once"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,8 +102,10 @@ fn main() -> anyhow::Result<()> {
         } => {
             let (dataflow, parallelism) = match config {
                 Some(p) => {
-                    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                    let job: EvalJob = serde_yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let job: EvalJob = serde_yaml::from_str(&text)
+                        .with_context(|| format!("parsing {}", p.display()))?;
                     (job.dataflow, job.parallelism)
                 }
                 None => (DataflowConfig::default(), 1),
@@ -154,7 +160,7 @@ fn one() -> usize {
     1
 }
 
-fn run(config: &PathBuf, restore: Restore) -> anyhow::Result<()> {
+fn run(config: &std::path::Path, restore: Restore) -> anyhow::Result<()> {
     let cfg = JobConfig::load(config)?;
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -187,10 +193,20 @@ fn demo(events: u64, parallelism: usize, workdir: Option<PathBuf>) -> anyhow::Re
     let cfg = commands::demo_config(&dir, events, parallelism);
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = crossbeam_channel::unbounded();
-    let http = cfg.http.as_ref().map(|h| h.listen).expect("demo has an API");
-    let addr = riffle_runtime::http::spawn(http, riffle_runtime::http::router(cfg.name.clone(), metrics.clone(), tx))?;
+    let http = cfg
+        .http
+        .as_ref()
+        .map(|h| h.listen)
+        .expect("demo has an API");
+    let addr = riffle_runtime::http::spawn(
+        http,
+        riffle_runtime::http::router(cfg.name.clone(), metrics.clone(), tx),
+    )?;
     println!("Riffle demo: {events} generated click/view/cart/purchase events → sessions → 10-minute sliding windows (1-minute slide) → top-20 recommendations");
-    println!("  parallelism {parallelism}, RocksDB state and checkpoints in {}", dir.display());
+    println!(
+        "  parallelism {parallelism}, RocksDB state and checkpoints in {}",
+        dir.display()
+    );
     println!("  live API: http://{addr}/metrics  http://{addr}/status  (POST /savepoint)\n");
     let out_dir = cfg.sink.dir.clone();
     let started = Instant::now();
@@ -233,9 +249,13 @@ fn demo(events: u64, parallelism: usize, workdir: Option<PathBuf>) -> anyhow::Re
         .collect();
     println!("\nSample recommendations (last events of the replay):");
     for r in &recs {
-        let items: Vec<String> =
-            r.items.iter().take(5).map(|i| format!("{} ({:.2})", i.item_id, i.score)).collect();
-        println!("  {} viewed {} → {}", r.user_id, r.item_id, items.join(", "));
+        let items: Vec<String> = r
+            .items
+            .iter()
+            .take(5)
+            .map(|i| format!("{} ({:.2})", i.item_id, i.score))
+            .collect();
+        println!("  {} at {} → {}", r.user_id, r.item_id, items.join(", "));
     }
     println!("\nCommitted output: {}", out_dir.display());
     Ok(())
@@ -245,12 +265,18 @@ fn format_ts(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let (d, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let days_since_2026 = d - 20_454; // 2026-01-01
-    format!("day {days_since_2026:>2} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "day {days_since_2026:>2} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn savepoint(endpoint: &str) -> anyhow::Result<()> {
     let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(150)))?;
     write!(stream, "POST /savepoint HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut response = String::new();

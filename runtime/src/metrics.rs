@@ -139,26 +139,119 @@ impl Metrics {
         let s = self.snapshot();
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-            let _ = writeln!(out, "# HELP riffle_{name} {help}\n# TYPE riffle_{name} {kind}\nriffle_{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP riffle_{name} {help}\n# TYPE riffle_{name} {kind}\nriffle_{name} {value}"
+            );
         };
-        metric("events_in_total", "counter", "Valid events read from the sources.", s.events_in as f64);
-        metric("dead_lettered_total", "counter", "Records sent to the dead-letter output.", s.dead_lettered as f64);
-        metric("late_events_total", "counter", "Events that arrived after all their windows were emitted.", s.late as f64);
-        metric("recommendations_out_total", "counter", "Recommendation records produced.", s.recommendations_out as f64);
-        metric("item_stats_out_total", "counter", "ItemStats records produced.", s.item_stats_out as f64);
-        metric("windows_emitted_total", "counter", "Sliding windows emitted (per worker).", s.windows_emitted as f64);
-        metric("watermark_ms", "gauge", "Current job watermark (epoch ms).", s.watermark.unwrap_or(0) as f64);
-        metric("watermark_lag_ms", "gauge", "Largest event time seen minus the watermark.", s.watermark_lag_ms.unwrap_or(0) as f64);
-        metric("processing_rate_events_per_second", "gauge", "Events processed per second, recent.", s.events_per_second);
-        metric("busy_ratio", "gauge", "Share of wall time spent processing.", s.busy_ratio);
-        metric("exchange_aggregation_ratio", "gauge", "Exchange records sent per increment produced.", s.exchange_aggregation_ratio);
-        metric("checkpoint_last_id", "gauge", "Id of the last completed checkpoint.", s.last_checkpoint_id as f64);
-        metric("checkpoints_completed_total", "counter", "Checkpoints completed by this process.", s.checkpoints_completed as f64);
-        metric("checkpoint_duration_ms", "gauge", "Duration of the last checkpoint.", s.checkpoint_duration_ms as f64);
-        metric("checkpoint_uploaded_bytes", "gauge", "Bytes uploaded by the last (incremental) checkpoint.", s.checkpoint_uploaded_bytes as f64);
-        metric("checkpoint_size_bytes", "gauge", "Total state size referenced by the last checkpoint.", s.checkpoint_size_bytes as f64);
-        metric("state_users", "gauge", "User histories held.", s.users as f64);
-        metric("state_pane_entries", "gauge", "Live (pane, item) entries held.", s.pane_entries as f64);
+        metric(
+            "events_in_total",
+            "counter",
+            "Valid events read from the sources.",
+            s.events_in as f64,
+        );
+        metric(
+            "dead_lettered_total",
+            "counter",
+            "Records sent to the dead-letter output.",
+            s.dead_lettered as f64,
+        );
+        metric(
+            "late_events_total",
+            "counter",
+            "Events that arrived after all their windows were emitted.",
+            s.late as f64,
+        );
+        metric(
+            "recommendations_out_total",
+            "counter",
+            "Recommendation records produced.",
+            s.recommendations_out as f64,
+        );
+        metric(
+            "item_stats_out_total",
+            "counter",
+            "ItemStats records produced.",
+            s.item_stats_out as f64,
+        );
+        metric(
+            "windows_emitted_total",
+            "counter",
+            "Sliding windows emitted (per worker).",
+            s.windows_emitted as f64,
+        );
+        metric(
+            "watermark_ms",
+            "gauge",
+            "Current job watermark (epoch ms).",
+            s.watermark.unwrap_or(0) as f64,
+        );
+        metric(
+            "watermark_lag_ms",
+            "gauge",
+            "Largest event time seen minus the watermark.",
+            s.watermark_lag_ms.unwrap_or(0) as f64,
+        );
+        metric(
+            "processing_rate_events_per_second",
+            "gauge",
+            "Events processed per second, recent.",
+            s.events_per_second,
+        );
+        metric(
+            "busy_ratio",
+            "gauge",
+            "Share of wall time spent processing.",
+            s.busy_ratio,
+        );
+        metric(
+            "exchange_aggregation_ratio",
+            "gauge",
+            "Exchange records sent per increment produced.",
+            s.exchange_aggregation_ratio,
+        );
+        metric(
+            "checkpoint_last_id",
+            "gauge",
+            "Id of the last completed checkpoint.",
+            s.last_checkpoint_id as f64,
+        );
+        metric(
+            "checkpoints_completed_total",
+            "counter",
+            "Checkpoints completed by this process.",
+            s.checkpoints_completed as f64,
+        );
+        metric(
+            "checkpoint_duration_ms",
+            "gauge",
+            "Duration of the last checkpoint.",
+            s.checkpoint_duration_ms as f64,
+        );
+        metric(
+            "checkpoint_uploaded_bytes",
+            "gauge",
+            "Bytes uploaded by the last (incremental) checkpoint.",
+            s.checkpoint_uploaded_bytes as f64,
+        );
+        metric(
+            "checkpoint_size_bytes",
+            "gauge",
+            "Total state size referenced by the last checkpoint.",
+            s.checkpoint_size_bytes as f64,
+        );
+        metric(
+            "state_users",
+            "gauge",
+            "User histories held.",
+            s.users as f64,
+        );
+        metric(
+            "state_pane_entries",
+            "gauge",
+            "Live (pane, item) entries held.",
+            s.pane_entries as f64,
+        );
         out
     }
 }

@@ -66,7 +66,11 @@ impl WatermarkTracker {
     }
 
     fn recompute(&mut self) {
-        let mut holding = self.partitions.iter().filter(|p| !p.finished && !p.idle).peekable();
+        let mut holding = self
+            .partitions
+            .iter()
+            .filter(|p| !p.finished && !p.idle)
+            .peekable();
         let computed = if holding.peek().is_none() {
             if self.partitions.iter().all(|p| p.finished) {
                 WM_MAX
@@ -76,7 +80,10 @@ impl WatermarkTracker {
             }
         } else {
             holding
-                .map(|p| p.max_ts.map_or(WM_MIN, |m| m.saturating_sub(self.max_out_of_orderness)))
+                .map(|p| {
+                    p.max_ts
+                        .map_or(WM_MIN, |m| m.saturating_sub(self.max_out_of_orderness))
+                })
                 .min()
                 .unwrap_or(WM_MIN)
         };

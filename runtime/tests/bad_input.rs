@@ -6,7 +6,9 @@ use std::io::Write;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use riffle_runtime::config::{DataflowConfig, Duration, FileFormat, FileSourceConfig, JobConfig, SinkConfig, SourceConfig};
+use riffle_runtime::config::{
+    DataflowConfig, Duration, FileFormat, FileSourceConfig, JobConfig, SinkConfig, SourceConfig,
+};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::event::{parse_json, DeadLetter, Validation, MAX_RECORD_BYTES};
 use riffle_runtime::metrics::Metrics;
@@ -21,24 +23,68 @@ fn corpus() -> Vec<(Vec<u8>, &'static str)> {
         (b"{\"eventId\":\"a\",".to_vec(), "malformed JSON"),
         (b"[1,2,3]".to_vec(), "malformed JSON"),
         (b"\xff\xfe garbage \x00".to_vec(), "malformed JSON"),
-        (br#"{"userId":"u","itemId":"i","type":"view","ts":5}"#.to_vec(), "missing field eventId"),
-        (br#"{"eventId":"e","itemId":"i","type":"view","ts":5}"#.to_vec(), "missing field userId"),
-        (br#"{"eventId":"e","userId":"u","type":"view","ts":5}"#.to_vec(), "missing field itemId"),
-        (br#"{"eventId":"e","userId":"u","itemId":"i","ts":5}"#.to_vec(), "missing field type"),
-        (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view"}"#.to_vec(), "missing field ts"),
-        (br#"{"eventId":"e","userId":"u","itemId":"i","type":"wishlist","ts":5}"#.to_vec(), "unknown event type"),
-        (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":0}"#.to_vec(), "must be positive"),
-        (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":-7}"#.to_vec(), "must be positive"),
-        (format!(r#"{{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":{far_future}}}"#).into_bytes(), "maxFutureSkew"),
-        (br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":1.5}"#.to_vec(), "integer"),
-        (br#"{"eventId":"e","userId":{"x":1},"itemId":"i","type":"view","ts":5}"#.to_vec(), "must be a string"),
-        (br#"{"eventId":"","userId":"u","itemId":"i","type":"view","ts":5}"#.to_vec(), "eventId must not be empty"),
-        ({
-            let mut big = br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":5,"pad":""#.to_vec();
-            big.extend(std::iter::repeat_n(b'x', MAX_RECORD_BYTES));
-            big.extend_from_slice(b"\"}");
-            big
-        }, "exceeds"),
+        (
+            br#"{"userId":"u","itemId":"i","type":"view","ts":5}"#.to_vec(),
+            "missing field eventId",
+        ),
+        (
+            br#"{"eventId":"e","itemId":"i","type":"view","ts":5}"#.to_vec(),
+            "missing field userId",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","type":"view","ts":5}"#.to_vec(),
+            "missing field itemId",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","itemId":"i","ts":5}"#.to_vec(),
+            "missing field type",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","itemId":"i","type":"view"}"#.to_vec(),
+            "missing field ts",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","itemId":"i","type":"wishlist","ts":5}"#.to_vec(),
+            "unknown event type",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":0}"#.to_vec(),
+            "must be positive",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":-7}"#.to_vec(),
+            "must be positive",
+        ),
+        (
+            format!(
+                r#"{{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":{far_future}}}"#
+            )
+            .into_bytes(),
+            "maxFutureSkew",
+        ),
+        (
+            br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":1.5}"#.to_vec(),
+            "integer",
+        ),
+        (
+            br#"{"eventId":"e","userId":{"x":1},"itemId":"i","type":"view","ts":5}"#.to_vec(),
+            "must be a string",
+        ),
+        (
+            br#"{"eventId":"","userId":"u","itemId":"i","type":"view","ts":5}"#.to_vec(),
+            "eventId must not be empty",
+        ),
+        (
+            {
+                let mut big =
+                    br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":5,"pad":""#
+                        .to_vec();
+                big.extend(std::iter::repeat_n(b'x', MAX_RECORD_BYTES));
+                big.extend_from_slice(b"\"}");
+                big
+            },
+            "exceeds",
+        ),
     ]
 }
 
@@ -50,7 +96,13 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
     let bad = corpus();
     let mut valid = 0;
     for (i, (raw, _)) in bad.iter().enumerate() {
-        writeln!(f, r#"{{"eventId":"ok{i}","userId":"u{i}","itemId":"i{}","type":"click","ts":{}}}"#, i % 3, 1_000_000 + i * 1000).unwrap();
+        writeln!(
+            f,
+            r#"{{"eventId":"ok{i}","userId":"u{i}","itemId":"i{}","type":"click","ts":{}}}"#,
+            i % 3,
+            1_000_000 + i * 1000
+        )
+        .unwrap();
         valid += 1;
         f.write_all(raw).unwrap();
         f.write_all(b"\n").unwrap();
@@ -86,10 +138,16 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
     .unwrap();
     let metrics = Arc::new(Metrics::default());
     let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
-    Engine::new(cfg.clone(), Box::new(src), Box::new(sink), Restore::None, metrics.clone())
-        .unwrap()
-        .run()
-        .unwrap();
+    Engine::new(
+        cfg.clone(),
+        Box::new(src),
+        Box::new(sink),
+        Restore::None,
+        metrics.clone(),
+    )
+    .unwrap()
+    .run()
+    .unwrap();
 
     let dead: Vec<DeadLetter> = read_committed(&cfg.sink.dir, Stream::DeadLetter)
         .unwrap()
@@ -98,13 +156,22 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
         .collect();
     assert_eq!(dead.len(), bad.len());
     for (dl, (raw, reason)) in dead.iter().zip(&bad) {
-        assert!(dl.reason.contains(reason), "{:?} should contain {reason:?}", dl.reason);
+        assert!(
+            dl.reason.contains(reason),
+            "{:?} should contain {reason:?}",
+            dl.reason
+        );
         assert_eq!(dl.raw_len, raw.len());
         assert!(dl.raw.len() <= 4096 + 3 * 4096, "raw is truncated");
         assert_eq!(dl.partition, 0);
     }
     assert_eq!(metrics.snapshot().dead_lettered, bad.len() as u64);
-    assert_eq!(read_committed(&cfg.sink.dir, Stream::Recommendations).unwrap().len(), valid);
+    assert_eq!(
+        read_committed(&cfg.sink.dir, Stream::Recommendations)
+            .unwrap()
+            .len(),
+        valid
+    );
 }
 
 proptest! {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use reference::{RefEvent, RefItemStats, RefParams, RefType};
-use riffle_runtime::config::{DataflowConfig, Duration, JobConfig, SinkConfig, SourceConfig, Weights};
+use riffle_runtime::config::{
+    DataflowConfig, Duration, JobConfig, SinkConfig, SourceConfig, Weights,
+};
 use riffle_runtime::dataflow::output::{ItemStats, LateEvent, Recommendation};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::event::{Event, EventType};
@@ -30,7 +32,12 @@ struct Case {
 }
 
 fn kind(i: u8) -> EventType {
-    [EventType::View, EventType::Click, EventType::Cart, EventType::Purchase][i as usize % 4]
+    [
+        EventType::View,
+        EventType::Click,
+        EventType::Cart,
+        EventType::Purchase,
+    ][i as usize % 4]
 }
 
 fn case(max_disorder: i64) -> impl Strategy<Value = Case> {
@@ -46,7 +53,14 @@ fn case(max_disorder: i64) -> impl Strategy<Value = Case> {
         any::<bool>(),
     );
     let events = prop::collection::vec(
-        (0u32..3, 0u8..5, 0u8..8, 0u8..4, 0i64..700, 0i64..=max_disorder.max(0)),
+        (
+            0u32..3,
+            0u8..5,
+            0u8..8,
+            0u8..4,
+            0i64..700,
+            0i64..=max_disorder.max(0),
+        ),
         1..120,
     );
     let plan = (
@@ -56,7 +70,11 @@ fn case(max_disorder: i64) -> impl Strategy<Value = Case> {
         1u32..=3,
     );
     (params, events, plan).prop_map(
-        |((slide, ppw, lateness, ooo, hist, gap, k, nl, excl), evs, (max_batch, segments, p0, nparts))| {
+        |(
+            (slide, ppw, lateness, ooo, hist, gap, k, nl, excl),
+            evs,
+            (max_batch, segments, p0, nparts),
+        )| {
             let df = DataflowConfig {
                 weights: Weights {
                     view: 1,
@@ -176,8 +194,14 @@ fn engine(c: &Case, dir: &Path, parallelism: usize, restore: Restore) -> Engine 
             .collect(),
     );
     let sink = FileSink::open(&dir.join("out"), 1).unwrap();
-    Engine::new(job(c, dir, parallelism), Box::new(source), Box::new(sink), restore, Arc::new(Metrics::default()))
-        .unwrap()
+    Engine::new(
+        job(c, dir, parallelism),
+        Box::new(source),
+        Box::new(sink),
+        restore,
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
 }
 
 struct Outputs {
@@ -224,7 +248,11 @@ fn run_engine(c: &Case) -> Outputs {
                 window_start: s.window_start,
                 window_end: s.window_end,
                 popularity: s.popularity,
-                neighbors: s.neighbors.iter().map(|n| (n.item_id.to_string(), n.weight)).collect(),
+                neighbors: s
+                    .neighbors
+                    .iter()
+                    .map(|n| (n.item_id.to_string(), n.weight))
+                    .collect(),
             }
         })
         .collect();
@@ -236,14 +264,22 @@ fn run_engine(c: &Case) -> Outputs {
             let r: Recommendation = serde_json::from_str(l).unwrap();
             (
                 r.event_id.to_string(),
-                r.items.iter().map(|s| (s.item_id.to_string(), s.score)).collect(),
+                r.items
+                    .iter()
+                    .map(|s| (s.item_id.to_string(), s.score))
+                    .collect(),
             )
         })
         .collect();
     let mut late: Vec<String> = read_committed(&out, Stream::Late)
         .unwrap()
         .iter()
-        .map(|l| serde_json::from_str::<LateEvent>(l).unwrap().event_id.to_string())
+        .map(|l| {
+            serde_json::from_str::<LateEvent>(l)
+                .unwrap()
+                .event_id
+                .to_string()
+        })
         .collect();
     late.sort();
     Outputs {
@@ -265,7 +301,11 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     let mut want_late = want.late_event_ids.clone();
     want_late.sort();
     prop_assert_eq!(&got.late, &want_late, "late events differ");
-    prop_assert_eq!(got.rec_count, events.len(), "exactly one recommendation per event");
+    prop_assert_eq!(
+        got.rec_count,
+        events.len(),
+        "exactly one recommendation per event"
+    );
     prop_assert_eq!(got.recs.len(), events.len(), "no duplicate recommendations");
     if got.all_p1 {
         for r in &want.recommendations {
@@ -274,11 +314,18 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             // one ulp, so compare them with a relative 1e-12 and everything else exactly.
             let same = items.is_some_and(|items| {
                 items.len() == r.items.len()
-                    && items.iter().zip(&r.items).all(|((a, x), (b, y))| {
-                        a == b && (x - y).abs() <= 1e-12 * x.abs().max(1.0)
-                    })
+                    && items
+                        .iter()
+                        .zip(&r.items)
+                        .all(|((a, x), (b, y))| a == b && (x - y).abs() <= 1e-12 * x.abs().max(1.0))
             });
-            prop_assert!(same, "recommendation for {}: engine {:?}, reference {:?}", r.event_id, items, r.items);
+            prop_assert!(
+                same,
+                "recommendation for {}: engine {:?}, reference {:?}",
+                r.event_id,
+                items,
+                r.items
+            );
         }
     }
     Ok(())

@@ -17,19 +17,31 @@ fn data() -> (std::path::PathBuf, std::path::PathBuf) {
 #[test]
 fn example_config_beats_the_association_rules_baseline() {
     let (train, test) = data();
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/yoochoose-eval.yaml")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/yoochoose-eval.yaml"),
+    )
+    .unwrap();
     #[derive(serde::Deserialize)]
     struct Job {
         dataflow: DataflowConfig,
     }
     let job: Job = serde_yaml::from_str(&text).unwrap();
     let scratch = tempfile::tempdir().unwrap();
-    let r = eval::run(&train, &test, eval::eval_job(job.dataflow, 2, scratch.path()), 20).unwrap();
+    let r = eval::run(
+        &train,
+        &test,
+        eval::eval_job(job.dataflow, 2, scratch.path()),
+        20,
+    )
+    .unwrap();
     eprintln!("examples/yoochoose-eval.yaml: {r}");
     assert_eq!(r.train_events, 53_254);
     assert_eq!(r.test_events, 16_539);
     assert!(r.n > 10_000);
-    assert!(r.hit_rate >= 0.5812 && r.mrr >= 0.3078, "{r} does not beat the baseline");
+    assert!(
+        r.hit_rate >= 0.5812 && r.mrr >= 0.3078,
+        "{r} does not beat the baseline"
+    );
 }
 
 /// Cross-check of the semantics with the dataset README's figure for windowSize 7d,

@@ -40,7 +40,7 @@ fn write_inputs(dir: &Path) -> (u64, u64) {
         let f = std::fs::File::create(dir.join(format!("events-{p}.jsonl"))).unwrap();
         let mut w = BufWriter::new(f);
         for k in 0..EVENTS / 2 {
-            if k % 997 == 0 {
+            if k.is_multiple_of(997) {
                 writeln!(w, "{}", bad[(k / 997) as usize % bad.len()]).unwrap();
                 invalid += 1;
             }
@@ -100,7 +100,10 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let mut restarts = 0u64;
     let started = Instant::now();
     loop {
-        assert!(started.elapsed() < Duration::from_secs(600), "chaos run did not finish");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "chaos run did not finish"
+        );
         let (mut child, _) = spawn_run(&chaos, Some("latest"), false);
         restarts += 1;
         if kills >= KILLS {
@@ -108,7 +111,7 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
             break;
         }
         let r = splitmix(seed ^ restarts);
-        if r % 5 == 0 {
+        if r.is_multiple_of(5) {
             // Kill during start-up/restore, before any new checkpoint.
             std::thread::sleep(Duration::from_millis(r % 50));
         } else {
@@ -137,15 +140,35 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         assert_eq!(a.len(), b.len(), "{s:?}: record counts differ");
         assert!(a == b, "{s:?}: records differ");
     }
-    let recs = &chaos_out.iter().find(|(s, _)| *s == Stream::Recommendations).unwrap().1;
+    let recs = &chaos_out
+        .iter()
+        .find(|(s, _)| *s == Stream::Recommendations)
+        .unwrap()
+        .1;
     let mut ids = HashSet::new();
     for l in recs {
         let r: Recommendation = serde_json::from_str(l).unwrap();
-        assert!(ids.insert(r.event_id.clone()), "duplicate recommendation for {}", r.event_id);
+        assert!(
+            ids.insert(r.event_id.clone()),
+            "duplicate recommendation for {}",
+            r.event_id
+        );
     }
-    assert_eq!(ids.len() as u64, valid, "one recommendation per valid event");
-    let dead = &chaos_out.iter().find(|(s, _)| *s == Stream::DeadLetter).unwrap().1;
+    assert_eq!(
+        ids.len() as u64,
+        valid,
+        "one recommendation per valid event"
+    );
+    let dead = &chaos_out
+        .iter()
+        .find(|(s, _)| *s == Stream::DeadLetter)
+        .unwrap()
+        .1;
     assert_eq!(dead.len() as u64, invalid);
-    let stats = &chaos_out.iter().find(|(s, _)| *s == Stream::ItemStats).unwrap().1;
+    let stats = &chaos_out
+        .iter()
+        .find(|(s, _)| *s == Stream::ItemStats)
+        .unwrap()
+        .1;
     assert!(!stats.is_empty());
 }

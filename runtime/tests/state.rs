@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use riffle_runtime::config::{DataflowConfig, Duration, GeneratorConfig, JobConfig, SinkConfig, SourceConfig};
+use riffle_runtime::config::{
+    DataflowConfig, Duration, GeneratorConfig, JobConfig, SinkConfig, SourceConfig,
+};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::metrics::Metrics;
 use riffle_runtime::sink::file::FileSink;
@@ -44,7 +46,14 @@ fn state_is_flat_on_a_long_replay_with_a_fixed_key_set() {
     };
     let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
     let metrics = Arc::new(Metrics::default());
-    let mut e = Engine::new(cfg, Box::new(Generator::new(gen)), Box::new(sink), Restore::None, metrics.clone()).unwrap();
+    let mut e = Engine::new(
+        cfg,
+        Box::new(Generator::new(gen)),
+        Box::new(sink),
+        Restore::None,
+        metrics.clone(),
+    )
+    .unwrap();
     let mut samples = Vec::new();
     'outer: loop {
         for _ in 0..20 {
@@ -54,16 +63,27 @@ fn state_is_flat_on_a_long_replay_with_a_fixed_key_set() {
         }
         e.checkpoint(false).unwrap();
         let s = metrics.snapshot();
-        samples.push((e.state().count_keys().unwrap(), s.users, s.pane_entries, s.checkpoint_size_bytes));
+        samples.push((
+            e.state().count_keys().unwrap(),
+            s.users,
+            s.pane_entries,
+            s.checkpoint_size_bytes,
+        ));
     }
     assert!(samples.len() >= 15, "{} samples", samples.len());
     eprintln!("(rocksdb keys, users, pane entries, checkpoint bytes) per checkpoint: {samples:?}");
     let third = samples.len() / 3;
-    let early_max = |f: fn(&(u64, u64, u64, u64)) -> u64| samples[third..2 * third].iter().map(f).max().unwrap();
-    let late_max = |f: fn(&(u64, u64, u64, u64)) -> u64| samples[2 * third..].iter().map(f).max().unwrap();
+    let early_max = |f: fn(&(u64, u64, u64, u64)) -> u64| {
+        samples[third..2 * third].iter().map(f).max().unwrap()
+    };
+    let late_max =
+        |f: fn(&(u64, u64, u64, u64)) -> u64| samples[2 * third..].iter().map(f).max().unwrap();
     // After warm-up, the last third must not exceed the middle third by more than noise.
     for (name, f) in [
-        ("rocksdb keys", (|s: &(u64, u64, u64, u64)| s.0) as fn(&(u64, u64, u64, u64)) -> u64),
+        (
+            "rocksdb keys",
+            (|s: &(u64, u64, u64, u64)| s.0) as fn(&(u64, u64, u64, u64)) -> u64,
+        ),
         ("users", |s| s.1),
         ("pane entries", |s| s.2),
     ] {
@@ -72,7 +92,10 @@ fn state_is_flat_on_a_long_replay_with_a_fixed_key_set() {
     }
     // And the key count is bounded by the live key set, not by the number of events.
     let keys = samples.last().unwrap().0;
-    assert!(keys < 300 + 200 * 6 * 2, "{keys} keys for 300 users and 200 items");
+    assert!(
+        keys < 300 + 200 * 6 * 2,
+        "{keys} keys for 300 users and 200 items"
+    );
 }
 
 /// Checkpoints are incremental and the store holds exactly what retained checkpoints use.
@@ -105,7 +128,14 @@ fn checkpoints_are_incremental_and_garbage_is_collected() {
         dataflow: DataflowConfig::default(),
     };
     let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
-    let mut e = Engine::new(cfg, Box::new(Generator::new(gen)), Box::new(sink), Restore::None, Arc::new(Metrics::default())).unwrap();
+    let mut e = Engine::new(
+        cfg,
+        Box::new(Generator::new(gen)),
+        Box::new(sink),
+        Restore::None,
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
     let mut infos = Vec::new();
     'outer: loop {
         for _ in 0..10 {
@@ -119,8 +149,14 @@ fn checkpoints_are_incremental_and_garbage_is_collected() {
     // Incremental: on average a checkpoint uploads much less than the state it references.
     let uploaded: u64 = infos[1..].iter().map(|i| i.uploaded_bytes).sum();
     let referenced: u64 = infos[1..].iter().map(|i| i.size_bytes).sum();
-    eprintln!("uploaded {uploaded} of {referenced} referenced bytes over {} checkpoints", infos.len() - 1);
-    assert!(uploaded * 2 < referenced, "uploaded {uploaded} of {referenced}");
+    eprintln!(
+        "uploaded {uploaded} of {referenced} referenced bytes over {} checkpoints",
+        infos.len() - 1
+    );
+    assert!(
+        uploaded * 2 < referenced,
+        "uploaded {uploaded} of {referenced}"
+    );
 
     let store = dir.path().join("ckpt");
     let mut chk_dirs: Vec<String> = std::fs::read_dir(&store)
@@ -133,12 +169,21 @@ fn checkpoints_are_incremental_and_garbage_is_collected() {
     let mut referenced = std::collections::BTreeSet::new();
     for d in &chk_dirs {
         let m: riffle_runtime::checkpoint::Manifest =
-            serde_json::from_slice(&std::fs::read(store.join(d).join("_manifest.json")).unwrap()).unwrap();
-        referenced.extend(m.files.into_iter().filter(|f| f.key.starts_with("shared/")).map(|f| f.key));
+            serde_json::from_slice(&std::fs::read(store.join(d).join("_manifest.json")).unwrap())
+                .unwrap();
+        referenced.extend(
+            m.files
+                .into_iter()
+                .filter(|f| f.key.starts_with("shared/"))
+                .map(|f| f.key),
+        );
     }
     let present: std::collections::BTreeSet<String> = std::fs::read_dir(store.join("shared"))
         .unwrap()
         .map(|e| format!("shared/{}", e.unwrap().file_name().to_string_lossy()))
         .collect();
-    assert_eq!(present, referenced, "shared files = files referenced by retained checkpoints");
+    assert_eq!(
+        present, referenced,
+        "shared files = files referenced by retained checkpoints"
+    );
 }

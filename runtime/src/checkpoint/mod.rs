@@ -66,7 +66,12 @@ pub fn manifest_key(id: u64) -> String {
 /// Completed checkpoint ids among store keys (those whose manifest exists).
 pub fn completed_ids(keys: &[String]) -> BTreeSet<u64> {
     keys.iter()
-        .filter_map(|k| k.strip_prefix("chk-")?.strip_suffix(&format!("/{MANIFEST}"))?.parse().ok())
+        .filter_map(|k| {
+            k.strip_prefix("chk-")?
+                .strip_suffix(&format!("/{MANIFEST}"))?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -124,7 +129,10 @@ pub fn garbage<'a>(shared: &'a [String], retained: &[Manifest]) -> Vec<&'a Strin
         .iter()
         .flat_map(|m| m.files.iter().map(|f| f.key.as_str()))
         .collect();
-    shared.iter().filter(|k| k.starts_with("shared/") && !live.contains(k.as_str())).collect()
+    shared
+        .iter()
+        .filter(|k| k.starts_with("shared/") && !live.contains(k.as_str()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -139,10 +147,20 @@ mod tests {
             ("MANIFEST-000005".to_string(), 10),
             ("CURRENT".to_string(), 16),
         ];
-        let known = HashMap::from([("000007.sst".to_string(), "shared/old-000007.sst".to_string())]);
+        let known = HashMap::from([(
+            "000007.sst".to_string(),
+            "shared/old-000007.sst".to_string(),
+        )]);
         let (uploads, files) = plan_files(3, "run", &local, &known);
         let up: Vec<&str> = uploads.iter().map(|f| f.key.as_str()).collect();
-        assert_eq!(up, ["shared/run-000009.sst", "chk-0000000003/MANIFEST-000005", "chk-0000000003/CURRENT"]);
+        assert_eq!(
+            up,
+            [
+                "shared/run-000009.sst",
+                "chk-0000000003/MANIFEST-000005",
+                "chk-0000000003/CURRENT"
+            ]
+        );
         assert_eq!(files[0].key, "shared/old-000007.sst");
         assert_eq!(files.len(), 4);
     }
@@ -180,7 +198,11 @@ mod tests {
             trending: TrendingBoard::default(),
             events_in: 0,
         };
-        let shared = vec!["shared/a".to_string(), "shared/b".to_string(), "shared/c".to_string()];
+        let shared = vec![
+            "shared/a".to_string(),
+            "shared/b".to_string(),
+            "shared/c".to_string(),
+        ];
         let g = garbage(&shared, &[m(&["shared/a"]), m(&["shared/c"])]);
         assert_eq!(g, [&"shared/b".to_string()]);
     }

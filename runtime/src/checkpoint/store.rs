@@ -108,7 +108,9 @@ impl CheckpointStore for FileStore {
                     if prefix.starts_with(&rel) || rel.starts_with(prefix) {
                         stack.push(path);
                     }
-                } else if rel.starts_with(prefix) && !rel.rsplit('/').next().unwrap_or("").starts_with(".tmp-") {
+                } else if rel.starts_with(prefix)
+                    && !rel.rsplit('/').next().unwrap_or("").starts_with(".tmp-")
+                {
                     out.push(rel);
                 }
             }

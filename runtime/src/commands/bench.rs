@@ -58,13 +58,37 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "events                 {}", self.events)?;
         writeln!(f, "wall time              {:.1} s", self.seconds)?;
-        writeln!(f, "throughput             {:.0} events/s", self.events_per_second)?;
-        writeln!(f, "per core               {:.0} events/s", self.events_per_second_per_core)?;
-        writeln!(f, "latency p50 / p99      {:.1} / {:.1} ms (read → output written, per event)", self.latency_p50_ms, self.latency_p99_ms)?;
-        writeln!(f, "checkpoints            {} (p50 {} ms, max {} ms)", self.checkpoints, self.checkpoint_ms_p50, self.checkpoint_ms_max)?;
-        writeln!(f, "checkpoint size        {:.1} MB state, {:.1} MB uploaded on average (incremental)", self.checkpoint_size_mb_last, self.checkpoint_uploaded_mb_avg)?;
+        writeln!(
+            f,
+            "throughput             {:.0} events/s",
+            self.events_per_second
+        )?;
+        writeln!(
+            f,
+            "per core               {:.0} events/s",
+            self.events_per_second_per_core
+        )?;
+        writeln!(
+            f,
+            "latency p50 / p99      {:.1} / {:.1} ms (read → output written, per event)",
+            self.latency_p50_ms, self.latency_p99_ms
+        )?;
+        writeln!(
+            f,
+            "checkpoints            {} (p50 {} ms, max {} ms)",
+            self.checkpoints, self.checkpoint_ms_p50, self.checkpoint_ms_max
+        )?;
+        writeln!(
+            f,
+            "checkpoint size        {:.1} MB state, {:.1} MB uploaded on average (incremental)",
+            self.checkpoint_size_mb_last, self.checkpoint_uploaded_mb_avg
+        )?;
         writeln!(f, "peak RSS               {:.0} MB", self.peak_rss_mb)?;
-        write!(f, "output                 {} recommendations, {} item stats", self.recommendations, self.item_stats)
+        write!(
+            f,
+            "output                 {} recommendations, {} item stats",
+            self.recommendations, self.item_stats
+        )
     }
 }
 
@@ -96,15 +120,29 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     };
     let metrics = Arc::new(Metrics::default());
     let sink = FileSink::open(&job.sink.dir, 1)?;
-    let mut engine = Engine::new(job, Box::new(Generator::new(gen)), Box::new(sink), Restore::None, metrics.clone())?;
+    let mut engine = Engine::new(
+        job,
+        Box::new(Generator::new(gen)),
+        Box::new(sink),
+        Restore::None,
+        metrics.clone(),
+    )?;
     engine.enable_latency_histogram();
     let started = Instant::now();
     engine.run()?;
     let seconds = started.elapsed().as_secs_f64();
     let h = engine.latency.as_ref().expect("enabled above");
-    let mut durations: Vec<u64> = engine.checkpoint_log.iter().map(|c| c.duration_ms).collect();
+    let mut durations: Vec<u64> = engine
+        .checkpoint_log
+        .iter()
+        .map(|c| c.duration_ms)
+        .collect();
     durations.sort_unstable();
-    let uploaded: Vec<u64> = engine.checkpoint_log.iter().map(|c| c.uploaded_bytes).collect();
+    let uploaded: Vec<u64> = engine
+        .checkpoint_log
+        .iter()
+        .map(|c| c.uploaded_bytes)
+        .collect();
     let s = metrics.snapshot();
     let eps = s.events_in as f64 / seconds;
     Ok(BenchReport {
@@ -117,8 +155,13 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         checkpoints: durations.len(),
         checkpoint_ms_p50: durations.get(durations.len() / 2).copied().unwrap_or(0),
         checkpoint_ms_max: durations.last().copied().unwrap_or(0),
-        checkpoint_uploaded_mb_avg: uploaded.iter().sum::<u64>() as f64 / uploaded.len().max(1) as f64 / 1e6,
-        checkpoint_size_mb_last: engine.checkpoint_log.last().map_or(0.0, |c| c.size_bytes as f64 / 1e6),
+        checkpoint_uploaded_mb_avg: uploaded.iter().sum::<u64>() as f64
+            / uploaded.len().max(1) as f64
+            / 1e6,
+        checkpoint_size_mb_last: engine
+            .checkpoint_log
+            .last()
+            .map_or(0.0, |c| c.size_bytes as f64 / 1e6),
         peak_rss_mb: super::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
         recommendations: s.recommendations_out,
         item_stats: s.item_stats_out,

@@ -28,7 +28,14 @@ pub struct EvalResult {
 
 impl std::fmt::Display for EvalResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HR@{k}={:.4} MRR@{k}={:.4} n={}", self.hit_rate, self.mrr, self.n, k = self.k)
+        write!(
+            f,
+            "HR@{k}={:.4} MRR@{k}={:.4} n={}",
+            self.hit_rate,
+            self.mrr,
+            self.n,
+            k = self.k
+        )
     }
 }
 
@@ -96,7 +103,13 @@ pub fn run(train: &Path, test: &Path, mut job: JobConfig, k: usize) -> Result<Ev
     let source = MemorySource::from_events(all);
     let sink = SharedSink::default();
     let recs = sink.0.clone();
-    let mut engine = Engine::new(job, Box::new(source), Box::new(sink), Restore::None, Arc::new(Metrics::default()))?;
+    let mut engine = Engine::new(
+        job,
+        Box::new(source),
+        Box::new(sink),
+        Restore::None,
+        Arc::new(Metrics::default()),
+    )?;
     engine.run()?;
 
     let guard = recs.lock().expect("sink lock");
@@ -107,7 +120,10 @@ pub fn run(train: &Path, test: &Path, mut job: JobConfig, k: usize) -> Result<Ev
         .collect::<std::result::Result<_, _>>()?;
     for r in &parsed {
         if r.event_id.starts_with("test:") {
-            ranked.insert(r.event_id.as_str(), r.items.iter().map(|s| s.item_id.as_str()).collect());
+            ranked.insert(
+                r.event_id.as_str(),
+                r.items.iter().map(|s| s.item_id.as_str()).collect(),
+            );
         }
     }
     let (mut hits, mut rr, mut n) = (0u64, 0f64, 0u64);

@@ -13,9 +13,7 @@
 //! Every message carries a sort key; each receiver merges its inputs by key, which replays
 //! the global read order as far as the semantics need it.
 
-use std::collections::HashMap;
-
-use super::{BatchFrame, Key};
+use super::{BatchFrame, FastMap, Key};
 use crate::event::Event;
 use crate::keygroup;
 
@@ -84,7 +82,7 @@ pub struct ExchangeWriter<'f> {
     routing: Routing,
     frame: &'f BatchFrame,
     next_crossing: usize,
-    pending: HashMap<u32, HashMap<AggKey, u64>>,
+    pending: FastMap<u32, FastMap<AggKey, u64>>,
     outboxes: Vec<Vec<Message>>,
     /// Increments sent and messages flushed, for the exchange's metrics.
     pub increments_in: u64,
@@ -97,7 +95,7 @@ impl<'f> ExchangeWriter<'f> {
             routing,
             frame,
             next_crossing: 0,
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             outboxes: (0..routing.parallelism).map(|_| Vec::new()).collect(),
             increments_in: 0,
             increments_out: 0,
@@ -147,7 +145,9 @@ impl<'f> ExchangeWriter<'f> {
     }
 
     fn flush(&mut self, kg: u32, key: MsgKey) {
-        let Some(agg) = self.pending.remove(&kg) else { return };
+        let Some(agg) = self.pending.remove(&kg) else {
+            return;
+        };
         if agg.is_empty() {
             return;
         }
@@ -202,8 +202,10 @@ pub struct Outboxes {
 
 /// Merge the inboxes of one receiver (each sorted by key) into one key-ordered stream.
 pub fn merge_inboxes(inboxes: Vec<Vec<Message>>) -> impl Iterator<Item = Message> {
-    let mut iters: Vec<std::iter::Peekable<std::vec::IntoIter<Message>>> =
-        inboxes.into_iter().map(|v| v.into_iter().peekable()).collect();
+    let mut iters: Vec<std::iter::Peekable<std::vec::IntoIter<Message>>> = inboxes
+        .into_iter()
+        .map(|v| v.into_iter().peekable())
+        .collect();
     std::iter::from_fn(move || {
         let mut best: Option<(usize, MsgKey)> = None;
         for (i, it) in iters.iter_mut().enumerate() {
@@ -262,7 +264,15 @@ mod tests {
         x.add(1, 0, &b, &a, 4);
         let out = x.finish();
         let keys: Vec<MsgKey> = out.boxes[0].iter().map(|m| m.key).collect();
-        assert_eq!(keys, [(2, RANK_OWN), (2, RANK_REQUEST), (5, RANK_CROSSING), (10, RANK_CROSSING)]);
+        assert_eq!(
+            keys,
+            [
+                (2, RANK_OWN),
+                (2, RANK_REQUEST),
+                (5, RANK_CROSSING),
+                (10, RANK_CROSSING)
+            ]
+        );
 
         // A sender whose last event precedes a crossing flushes right before that crossing,
         // even though the crossing is another sender's event.
@@ -271,7 +281,9 @@ mod tests {
         y.add(1, 0, &b, &a, 1);
         let out = y.finish();
         assert_eq!(out.boxes[0][0].key, (5, RANK_CROSSING));
-        let Payload::Increments(adds) = &out.boxes[0][0].payload else { panic!() };
+        let Payload::Increments(adds) = &out.boxes[0][0].payload else {
+            panic!()
+        };
         assert_eq!(adds.len(), 1);
         assert_eq!(adds[0].weight, 3, "two increments summed");
         assert_eq!((out.increments_in, out.increments_out), (4, 3));
@@ -285,10 +297,13 @@ mod tests {
             key: k,
             payload: Payload::Increments(vec![]),
         };
-        let merged: Vec<MsgKey> =
-            merge_inboxes(vec![vec![m((1, 2)), m((4, 0))], vec![m((2, 1)), m((4, 2))], vec![]])
-                .map(|m| m.key)
-                .collect();
+        let merged: Vec<MsgKey> = merge_inboxes(vec![
+            vec![m((1, 2)), m((4, 0))],
+            vec![m((2, 1)), m((4, 2))],
+            vec![],
+        ])
+        .map(|m| m.key)
+        .collect();
         assert_eq!(merged, [(1, 2), (2, 1), (4, 0), (4, 2)]);
     }
 }

@@ -5,12 +5,12 @@
 //! the next window to emit makes emission and most recommendations O(row) instead of
 //! O(W/S · row): sliding adds one pane and subtracts one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::exchange::{Increment, Message, Payload, RecRequest};
 use super::output::{top_n, ItemStats, LateEvent, Neighbor, Recommendation, Scored};
 use super::window::{Windowing, WM_MAX, WM_MIN};
-use super::{BatchFrame, Key};
+use super::{BatchFrame, FastMap, Key};
 use crate::state::{codec, StateDescriptor, StateOp};
 
 /// The item stage's only state: per (pane, item) popularity and co-visitation row.
@@ -22,7 +22,7 @@ pub const PANES: StateDescriptor = StateDescriptor {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Agg {
     pub pop: u64,
-    pub row: HashMap<Key, u64>,
+    pub row: FastMap<Key, u64>,
 }
 
 impl Agg {
@@ -88,11 +88,11 @@ pub struct ItemOutput {
 
 pub struct ItemStage {
     params: ItemParams,
-    panes: BTreeMap<i64, HashMap<Key, PaneEntry>>,
+    panes: BTreeMap<i64, FastMap<Key, PaneEntry>>,
     /// End of the next window to emit; `None` until the watermark is finite.
     next_end: Option<i64>,
     /// Sum of the panes of the window ending at `next_end`.
-    win: HashMap<Key, Agg>,
+    win: FastMap<Key, Agg>,
     wm: i64,
     /// Panes below this index were deleted since the last snapshot.
     expired_below: Option<i64>,
@@ -104,14 +104,14 @@ impl ItemStage {
             params,
             panes: BTreeMap::new(),
             next_end: None,
-            win: HashMap::new(),
+            win: FastMap::default(),
             wm: WM_MIN,
             expired_below: None,
         }
     }
 
     pub fn pane_entries(&self) -> usize {
-        self.panes.values().map(HashMap::len).sum()
+        self.panes.values().map(FastMap::len).sum()
     }
 
     pub fn live_panes(&self) -> usize {
@@ -128,7 +128,12 @@ impl ItemStage {
 
     fn apply(&mut self, kg: u32, pane: i64, item: &Key, other: Option<&Key>, weight: u64) {
         let in_win = self.in_win(pane);
-        let entry = self.panes.entry(pane).or_default().entry(item.clone()).or_default();
+        let entry = self
+            .panes
+            .entry(pane)
+            .or_default()
+            .entry(item.clone())
+            .or_default();
         entry.kg = kg;
         entry.dirty = true;
         match other {
@@ -249,9 +254,13 @@ impl ItemStage {
             return Vec::new();
         }
         let pop = agg.pop as f64;
-        let candidates = agg.row.iter().filter(|(k, _)| !excluded.contains(k)).map(|(k, w)| (k, *w));
-        top_n(candidates, self.params.top_k)
+        // Rank first, exclude after: the top K + |X| always hold the top K non-excluded items,
+        // and a row is often far longer than X.
+        let k = self.params.top_k;
+        top_n(agg.row.iter().map(|(k, w)| (k, *w)), k + excluded.len())
             .into_iter()
+            .filter(|(key, _)| !excluded.contains(key))
+            .take(k)
             .map(|(k, c)| Scored {
                 item_id: k.clone(),
                 score: c as f64 / pop,
@@ -299,7 +308,12 @@ impl ItemStage {
             self.slide();
         }
         // Panes whose last window is emitted can never be read or written again.
-        let dead: Vec<i64> = self.panes.keys().take_while(|p| !w.pane_live(**p, wm)).copied().collect();
+        let dead: Vec<i64> = self
+            .panes
+            .keys()
+            .take_while(|p| !w.pane_live(**p, wm))
+            .copied()
+            .collect();
         if let Some(last) = dead.last() {
             self.expired_below = Some(self.expired_below.unwrap_or(i64::MIN).max(last + 1));
         }
@@ -370,10 +384,13 @@ impl ItemStage {
         }
         if any {
             out.windows_emitted += 1;
-            let top = top_n(self.win.iter().map(|(k, a)| (k, a.pop)), p.trending_capacity)
-                .into_iter()
-                .map(|(k, w)| (k.clone(), w))
-                .collect();
+            let top = top_n(
+                self.win.iter().map(|(k, a)| (k, a.pop)),
+                p.trending_capacity,
+            )
+            .into_iter()
+            .map(|(k, w)| (k.clone(), w))
+            .collect();
             out.trending.push((end, top));
         }
     }
@@ -413,7 +430,7 @@ impl ItemStage {
         let mut r = codec::Reader::new(value);
         let pop = r.u64()?;
         let n = r.u32()? as usize;
-        let mut row = HashMap::with_capacity(n);
+        let mut row = FastMap::with_capacity_and_hasher(n, Default::default());
         for _ in 0..n {
             let k = Key::from(r.str()?);
             row.insert(k, r.u64()?);

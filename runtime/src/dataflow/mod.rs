@@ -16,6 +16,11 @@ use crate::event::Event;
 /// User and item identifiers (inline up to 24 bytes: no allocation for typical ids).
 pub type Key = CompactString;
 
+/// Hash maps on the hot path: Fx hashing (ids are not attacker-chosen hash-flooding input
+/// here, and SipHash was the largest cost per increment). Deterministic across processes.
+pub type FastMap<K, V> = rustc_hash::FxHashMap<K, V>;
+pub type FastSet<K> = rustc_hash::FxHashSet<K>;
+
 /// An event as the dataflow sees it, stamped by the source with its position in the read
 /// order and the job watermark before it was read (`W_e` in docs/semantics.md).
 #[derive(Clone, Debug)]

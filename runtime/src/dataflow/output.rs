@@ -55,12 +55,16 @@ pub struct LateEvent {
 
 /// Sort key of ranked lists: weight descending, then id ascending (byte order).
 pub fn rank_order(a: &(u64, &Key), b: &(u64, &Key)) -> std::cmp::Ordering {
-    b.0.cmp(&a.0).then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
+    b.0.cmp(&a.0)
+        .then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
 }
 
 /// The top `n` of `(id, weight)` pairs with weight > 0, in rank order.
 pub fn top_n<'a>(entries: impl Iterator<Item = (&'a Key, u64)>, n: usize) -> Vec<(&'a Key, u64)> {
-    let mut v: Vec<(u64, &Key)> = entries.filter(|(_, w)| *w > 0).map(|(k, w)| (w, k)).collect();
+    let mut v: Vec<(u64, &Key)> = entries
+        .filter(|(_, w)| *w > 0)
+        .map(|(k, w)| (w, k))
+        .collect();
     if n == 0 {
         return Vec::new();
     }
@@ -78,11 +82,18 @@ mod tests {
 
     #[test]
     fn top_n_orders_by_weight_then_id() {
-        let keys: Vec<Key> = ["b", "a", "c", "d", "z"].iter().map(|s| Key::from(*s)).collect();
+        let keys: Vec<Key> = ["b", "a", "c", "d", "z"]
+            .iter()
+            .map(|s| Key::from(*s))
+            .collect();
         let weights = [3u64, 3, 5, 0, 1];
         let top = top_n(keys.iter().zip(weights), 3);
         let ids: Vec<&str> = top.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(ids, ["c", "a", "b"]);
-        assert_eq!(top_n(keys.iter().zip(weights), 10).len(), 4, "zero weights dropped");
+        assert_eq!(
+            top_n(keys.iter().zip(weights), 10).len(),
+            4,
+            "zero weights dropped"
+        );
     }
 }

@@ -61,16 +61,26 @@ impl TrendingBoard {
     }
 
     /// Append trending items to `items` until it has `k`, skipping listed and excluded ones.
-    pub fn fill(&self, items: &mut Vec<Scored>, k: usize, excluded: &[Key], wm: i64, lateness: i64) {
+    pub fn fill(
+        &self,
+        items: &mut Vec<Scored>,
+        k: usize,
+        excluded: &[Key],
+        wm: i64,
+        lateness: i64,
+    ) {
         if items.len() >= k {
             return;
         }
-        let Some(list) = self.latest(wm, lateness) else { return };
+        let Some(list) = self.latest(wm, lateness) else {
+            return;
+        };
+        let listed: super::FastSet<Key> = items.iter().map(|s| s.item_id.clone()).collect();
         for (item, _) in list {
             if items.len() >= k {
                 break;
             }
-            if excluded.contains(item) || items.iter().any(|s| &s.item_id == item) {
+            if listed.contains(item) || excluded.contains(item) {
                 continue;
             }
             items.push(Scored {
@@ -97,7 +107,11 @@ mod tests {
         }];
         b.fill(&mut items, 3, &["c".into()], 119, 0);
         let ids: Vec<&str> = items.iter().map(|s| s.item_id.as_str()).collect();
-        assert_eq!(ids, ["a", "b"], "window 60 is the latest emitted; a listed, c excluded");
+        assert_eq!(
+            ids,
+            ["a", "b"],
+            "window 60 is the latest emitted; a listed, c excluded"
+        );
         b.prune(120, 0);
         assert!(b.latest(119, 0).is_none());
         assert_eq!(b.latest(120, 0).unwrap()[0].0, "z");

@@ -1,11 +1,11 @@
 //! The user-keyed stage: per-user history → co-visitation increments and a recommendation
 //! request per event.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::exchange::{ExchangeWriter, RecRequest};
 use super::window::Windowing;
-use super::{Key, Stamped};
+use super::{FastMap, Key, Stamped};
 use crate::event::EventType;
 use crate::state::{codec, StateDescriptor, StateOp};
 
@@ -40,7 +40,7 @@ pub struct UserParams {
 
 pub struct UserStage {
     params: UserParams,
-    histories: HashMap<Key, History>,
+    histories: FastMap<Key, History>,
     /// Users whose history was deleted since the last snapshot (their keys must go too).
     deleted: Vec<(u32, Key)>,
 }
@@ -49,7 +49,7 @@ impl UserStage {
     pub fn new(params: UserParams) -> Self {
         Self {
             params,
-            histories: HashMap::new(),
+            histories: FastMap::default(),
             deleted: Vec::new(),
         }
     }
@@ -66,14 +66,18 @@ impl UserStage {
         let e = &ev.event;
         let t = e.ts;
         let late = win.is_late(t, ev.wm);
-        let valid =
-            |h: &HistEntry| Windowing::history_entry_valid(h.ts, t, ev.wm, p.session_gap, win.lateness);
+        let valid = |h: &HistEntry| {
+            Windowing::history_entry_valid(h.ts, t, ev.wm, p.session_gap, win.lateness)
+        };
         let routing = x.routing();
         let item_kg = routing.key_group(e.item_id.as_bytes());
-        let hist = self.histories.entry(e.user_id.clone()).or_insert_with(|| History {
-            kg: user_kg,
-            ..History::default()
-        });
+        let hist = self
+            .histories
+            .entry(e.user_id.clone())
+            .or_insert_with(|| History {
+                kg: user_kg,
+                ..History::default()
+            });
         if !late {
             let pane = win.pane(t);
             let w = u64::from(ev.weight);
@@ -94,7 +98,11 @@ impl UserStage {
         hist.dirty = true;
         let mut excluded: Vec<Key> = Vec::new();
         if p.exclude_purchased {
-            for h in hist.entries.iter().filter(|h| h.kind == EventType::Purchase && valid(h)) {
+            for h in hist
+                .entries
+                .iter()
+                .filter(|h| h.kind == EventType::Purchase && valid(h))
+            {
                 if !excluded.contains(&h.item) {
                     excluded.push(h.item.clone());
                 }
@@ -131,7 +139,11 @@ impl UserStage {
     /// State changes since the last snapshot.
     pub fn snapshot(&mut self, ops: &mut Vec<StateOp>) {
         for (kg, user) in self.deleted.drain(..) {
-            ops.push(StateOp::Delete(codec::state_key(kg, HISTORIES.tag, user.as_bytes())));
+            ops.push(StateOp::Delete(codec::state_key(
+                kg,
+                HISTORIES.tag,
+                user.as_bytes(),
+            )));
         }
         for (user, h) in self.histories.iter_mut().filter(|(_, h)| h.dirty) {
             h.dirty = false;
@@ -143,7 +155,10 @@ impl UserStage {
                 codec::put_i64(&mut v, e.ts);
                 v.push(e.kind.as_u8());
             }
-            ops.push(StateOp::Put(codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()), v));
+            ops.push(StateOp::Put(
+                codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
+                v,
+            ));
         }
     }
 

@@ -63,7 +63,12 @@ impl Windowing {
         }
         // smallest multiple of slide E with E + lateness > wm
         let bound = wm.saturating_sub(self.lateness);
-        Some(bound.div_euclid(self.slide).saturating_add(1).saturating_mul(self.slide))
+        Some(
+            bound
+                .div_euclid(self.slide)
+                .saturating_add(1)
+                .saturating_mul(self.slide),
+        )
     }
 
     /// Emission epoch of a watermark: windows emitted so far are exactly those ending at or
@@ -78,7 +83,8 @@ impl Windowing {
 
     /// Whether a history entry at `h_ts` belongs to the history used for an event at `t`.
     pub fn history_entry_valid(h_ts: i64, t: i64, wm_before: i64, gap: i64, lateness: i64) -> bool {
-        h_ts.abs_diff(t) <= gap as u64 && h_ts >= wm_before.saturating_sub(gap).saturating_sub(lateness)
+        h_ts.abs_diff(t) <= gap as u64
+            && h_ts >= wm_before.saturating_sub(gap).saturating_sub(lateness)
     }
 }
 

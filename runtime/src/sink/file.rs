@@ -27,7 +27,8 @@ fn pending_file(dir: &Path, s: Stream, epoch: u64) -> PathBuf {
 
 /// The committed file of an epoch.
 pub fn part_file(dir: &Path, s: Stream, epoch: u64) -> PathBuf {
-    dir.join(s.dir_name()).join(format!("part-{epoch:010}.jsonl"))
+    dir.join(s.dir_name())
+        .join(format!("part-{epoch:010}.jsonl"))
 }
 
 fn pending_epochs(dir: &Path, s: Stream) -> Result<Vec<(u64, PathBuf)>> {
@@ -83,7 +84,8 @@ impl Sink for FileSink {
         if !self.open.contains_key(&stream) {
             let path = pending_file(&self.dir, stream, epoch);
             let f = File::create(&path).at(&path)?;
-            self.open.insert(stream, (epoch, BufWriter::with_capacity(1 << 20, f)));
+            self.open
+                .insert(stream, (epoch, BufWriter::with_capacity(1 << 20, f)));
         }
         let (_, w) = self.open.get_mut(&stream).expect("opened above");
         w.write_all(records).at(&self.dir)
@@ -139,7 +141,11 @@ pub fn read_committed(dir: &Path, s: Stream) -> Result<Vec<String>> {
     let mut parts: Vec<PathBuf> = match fs::read_dir(&d) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("part-")))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("part-"))
+            })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).at(&d),
@@ -167,13 +173,16 @@ mod tests {
         s.write(Stream::Late, b"b\n").unwrap();
         s.pre_commit(2).unwrap();
         s.write(Stream::Late, b"c\n").unwrap(); // epoch 3, never pre-committed
-        // crash before commit(2): the restore from checkpoint 1 publishes 1, drops 2 and 3
+                                                // crash before commit(2): the restore from checkpoint 1 publishes 1, drops 2 and 3
         let mut r = FileSink::open(dir.path(), 2).unwrap();
         r.recover(1, 2).unwrap();
         assert_eq!(read_committed(dir.path(), Stream::Late).unwrap(), ["a"]);
         r.write(Stream::Late, b"b2\n").unwrap();
         r.pre_commit(2).unwrap();
         r.commit(2).unwrap();
-        assert_eq!(read_committed(dir.path(), Stream::Late).unwrap(), ["a", "b2"]);
+        assert_eq!(
+            read_committed(dir.path(), Stream::Late).unwrap(),
+            ["a", "b2"]
+        );
     }
 }

@@ -25,7 +25,10 @@ impl MemorySink {
 
 impl Sink for MemorySink {
     fn write(&mut self, stream: Stream, records: &[u8]) -> Result<()> {
-        self.open.entry(stream).or_default().extend_from_slice(records);
+        self.open
+            .entry(stream)
+            .or_default()
+            .extend_from_slice(records);
         Ok(())
     }
 
@@ -37,7 +40,9 @@ impl Sink for MemorySink {
     }
 
     fn commit(&mut self, epoch: u64) -> Result<()> {
-        let (done, keep) = std::mem::take(&mut self.durable).into_iter().partition(|(e, _, _)| *e <= epoch);
+        let (done, keep) = std::mem::take(&mut self.durable)
+            .into_iter()
+            .partition(|(e, _, _)| *e <= epoch);
         self.durable = keep;
         let mut done: Vec<(u64, Stream, Vec<u8>)> = done;
         done.sort_by_key(|(e, _, _)| *e);

@@ -99,12 +99,15 @@ impl Source for FileSource {
                 let raw = trim_newline(&self.line);
                 let parsed = match self.format {
                     FileFormat::Json => event::parse_json(raw, &self.validation),
-                    FileFormat::SessionTsv => event::parse_session_tsv(raw, line_no, &self.validation),
+                    FileFormat::SessionTsv => {
+                        event::parse_session_tsv(raw, line_no, &self.validation)
+                    }
                 };
                 p.finished = at_eof(p)?;
                 out.push(Polled {
                     partition: idx as u32,
-                    record: parsed.map_err(|reason| DeadLetter::new(reason, raw, idx as u32, offset)),
+                    record: parsed
+                        .map_err(|reason| DeadLetter::new(reason, raw, idx as u32, offset)),
                     last: p.finished,
                 });
             }

@@ -31,7 +31,9 @@ impl Zipf {
 
     /// `u` uniform in [0, 1).
     pub fn sample(&self, u: f64) -> u64 {
-        self.cdf.partition_point(|c| *c <= u).min(self.cdf.len() - 1) as u64
+        self.cdf
+            .partition_point(|c| *c <= u)
+            .min(self.cdf.len() - 1) as u64
     }
 }
 
@@ -165,7 +167,10 @@ mod tests {
             assert!(r < 1000);
             counts[usize::from(r >= 10)] += 1;
         }
-        assert!(counts[0] > counts[1] / 2, "top 10 ranks get a large share: {counts:?}");
+        assert!(
+            counts[0] > counts[1] / 2,
+            "top 10 ranks get a large share: {counts:?}"
+        );
     }
 
     #[test]

@@ -18,7 +18,11 @@ pub fn split_key(key: &[u8]) -> Result<(u32, u8, &[u8])> {
     if key.len() < 3 {
         return Err(Error::CorruptState(format!("state key too short: {key:?}")));
     }
-    Ok((u32::from(u16::from_be_bytes([key[0], key[1]])), key[2], &key[3..]))
+    Ok((
+        u32::from(u16::from_be_bytes([key[0], key[1]])),
+        key[2],
+        &key[3..],
+    ))
 }
 
 /// Big-endian with the sign bit flipped: byte order equals numeric order.
@@ -68,17 +72,24 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     pub fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn i64(&mut self) -> Result<i64> {
-        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn str(&mut self) -> Result<&'a str> {
         let n = self.u32()? as usize;
-        std::str::from_utf8(self.take(n)?).map_err(|_| Error::CorruptState("string is not UTF-8".into()))
+        std::str::from_utf8(self.take(n)?)
+            .map_err(|_| Error::CorruptState("string is not UTF-8".into()))
     }
 }
 

@@ -202,5 +202,8 @@ fn new_run_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{:08x}", crate::source::generator::splitmix(nanos as u64 ^ u64::from(std::process::id())) as u32)
+    format!(
+        "{:08x}",
+        crate::source::generator::splitmix(nanos as u64 ^ u64::from(std::process::id())) as u32
+    )
 }

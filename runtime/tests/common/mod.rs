@@ -31,7 +31,10 @@ pub fn latest_manifest(store: &Path) -> Option<Manifest> {
     let mut ids = Vec::new();
     for e in std::fs::read_dir(store).ok()? {
         let name = e.ok()?.file_name().to_string_lossy().into_owned();
-        if let Some(id) = name.strip_prefix("chk-").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(id) = name
+            .strip_prefix("chk-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
             if store.join(&name).join(checkpoint::MANIFEST).exists() {
                 ids.push(id);
             }
@@ -55,7 +58,11 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Start `riffle run` and return it with the HTTP address it printed (if any).
-pub fn spawn_run(config: &Path, restore: Option<&str>, expect_http: bool) -> (Child, Option<String>) {
+pub fn spawn_run(
+    config: &Path,
+    restore: Option<&str>,
+    expect_http: bool,
+) -> (Child, Option<String>) {
     let mut cmd = riffle();
     cmd.arg("run").arg("--config").arg(config);
     if let Some(r) = restore {
@@ -94,8 +101,15 @@ pub fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -110,7 +124,8 @@ pub fn shared_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     assert!(
-        dir.join("datasets/yoochoose-clicks-100k/train_tr.tsv").exists(),
+        dir.join("datasets/yoochoose-clicks-100k/train_tr.tsv")
+            .exists(),
         "shared data not found at {} (set RIFFLE_SHARED)",
         dir.display()
     );

@@ -1,0 +1,713 @@
+//! Node agent acceptance tests against the real test bed (`make testbed-up`).
+//!
+//! Every test starts its own `riffle-node-agent` (unique node name, deleted on exit) and
+//! works in its own namespace; pods are pinned to the test's node with a `nodeSelector`
+//! on `kubernetes.io/hostname`, so tests (and other test binaries) can run in parallel.
+//! All waits are watch-based with bounded timeouts.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, Condition};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client, Config, Resource};
+use riffle_e2e::node_agent::{process_exists, read_logs, read_pid};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_riffle-node-agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_riffle-testbed-probe");
+const NOT_RUNNING: &str = "test bed not running: run `make testbed-up`";
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The admin kubeconfig: `$KUBECONFIG` (as exported by `e2e/testbed/testbed env`), or the
+/// one `e2e/testbed/testbed env` prints.
+fn kubeconfig_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECONFIG").map(PathBuf::from) {
+        if path.is_file() {
+            return path;
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed/testbed");
+    let output = Command::new(&script)
+        .arg("env")
+        .output()
+        .unwrap_or_else(|e| panic!("{NOT_RUNNING} (cannot run {}: {e})", script.display()));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
+        .map(|p| PathBuf::from(p.trim()))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{NOT_RUNNING} (no admin kubeconfig)"))
+}
+
+/// The state directory shared by every agent on the machine (pod dirs, pod IP locks).
+fn state_dir() -> PathBuf {
+    std::env::var_os("RIFFLE_TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(riffle_e2e::node_agent::default_state_dir)
+}
+
+async fn client(kubeconfig: &Path) -> Client {
+    riffle_e2e::install_crypto_provider();
+    let kc = Kubeconfig::read_from(kubeconfig).unwrap_or_else(|e| panic!("{NOT_RUNNING} ({e})"));
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{NOT_RUNNING} ({e})"));
+    let client = Client::try_from(config).unwrap_or_else(|e| panic!("{NOT_RUNNING} ({e})"));
+    client
+        .apiserver_version()
+        .await
+        .unwrap_or_else(|e| panic!("{NOT_RUNNING} (API server unreachable: {e})"));
+    client
+}
+
+/// A running node agent and a namespace, both removed on drop.
+struct TestEnv {
+    client: Client,
+    ns: String,
+    node: String,
+    agent: Option<Child>,
+    agent_log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TestEnv {
+    async fn start(test: &str) -> Self {
+        let kubeconfig = kubeconfig_path();
+        let client = client(&kubeconfig).await;
+        let suffix = format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let node = format!("riffle-e2e-{test}-{suffix}");
+        let ns = format!("e2e-{test}-{suffix}");
+        let tmp = tempfile::tempdir().unwrap();
+        let image_map = tmp.path().join("images.yaml");
+        std::fs::write(
+            &image_map,
+            format!("images:\n  \"riffle-testbed-probe:*\": {PROBE}\n"),
+        )
+        .unwrap();
+        let agent_log = tmp.path().join("agent.log");
+        let log = std::fs::File::create(&agent_log).unwrap();
+        let agent = Command::new(AGENT)
+            .args([
+                "run",
+                "--node-name",
+                &node,
+                "--delete-node-on-exit",
+                "--image-map",
+            ])
+            .arg(&image_map)
+            .arg("--state-dir")
+            .arg(state_dir())
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .env("RUST_LOG", "info,riffle_e2e=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start riffle-node-agent");
+        let env = Self {
+            client,
+            ns,
+            node,
+            agent: Some(agent),
+            agent_log,
+            _tmp: tmp,
+        };
+        Api::<Namespace>::all(env.client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": env.ns}})).unwrap(),
+            )
+            .await
+            .expect("create namespace");
+        // Pods can only be created once the namespace's default service account exists.
+        let sas: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+        env.wait_named(
+            sas,
+            "default",
+            "default service account",
+            |sa: Option<&ServiceAccount>| sa.is_some(),
+        )
+        .await;
+        // The node is usable once it is Ready.
+        let nodes: Api<Node> = Api::all(env.client.clone());
+        env.wait_named(
+            nodes,
+            &env.node.clone(),
+            "node Ready",
+            |n: Option<&Node>| {
+                n.and_then(|n| n.status.as_ref())
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            },
+        )
+        .await;
+        env
+    }
+
+    fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(&self) -> Api<K>
+    where
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.agent_log).unwrap_or_default()
+    }
+
+    /// Waits (watch-based, bounded) until `cond` holds for the named object.
+    async fn wait_named<K>(
+        &self,
+        api: Api<K>,
+        name: &str,
+        what: &str,
+        cond: impl Condition<K>,
+    ) -> Option<K>
+    where
+        K: Clone + Debug + Send + DeserializeOwned + Resource + 'static,
+    {
+        match tokio::time::timeout(TIMEOUT, await_condition(api, name, cond)).await {
+            Ok(Ok(obj)) => obj,
+            Ok(Err(e)) => panic!(
+                "watching {name} ({what}) failed: {e}\n--- agent log ---\n{}",
+                self.agent_log()
+            ),
+            Err(_) => panic!(
+                "timed out waiting for {name}: {what}\n--- agent log ---\n{}",
+                self.agent_log()
+            ),
+        }
+    }
+
+    /// Waits until `cond` holds for the set of objects matching `labels`; returns that set.
+    async fn wait_list<K>(
+        &self,
+        api: Api<K>,
+        labels: &str,
+        what: &str,
+        cond: impl Fn(&[K]) -> bool,
+    ) -> Vec<K>
+    where
+        K: Clone + Debug + Send + Sync + DeserializeOwned + Resource + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (reader, writer) = reflector::store();
+        let stream = reflector(
+            writer,
+            watcher(api, watcher::Config::default().labels(labels)).default_backoff(),
+        );
+        let wait = async {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let event = event.unwrap_or_else(|e| panic!("watch for {what} failed: {e}"));
+                if matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    continue;
+                }
+                let objects: Vec<K> = reader.state().iter().map(|o| (**o).clone()).collect();
+                if cond(&objects) {
+                    return objects;
+                }
+            }
+            panic!("watch for {what} ended");
+        };
+        match tokio::time::timeout(TIMEOUT, wait).await {
+            Ok(objects) => objects,
+            Err(_) => panic!(
+                "timed out waiting for {what}\n--- agent log ---\n{}",
+                self.agent_log()
+            ),
+        }
+    }
+
+    /// A pod spec pinned to this test's node.
+    fn pod(&self, name: &str, spec: serde_json::Value) -> Pod {
+        let mut spec = spec;
+        spec["nodeSelector"] = json!({ "kubernetes.io/hostname": self.node });
+        spec["terminationGracePeriodSeconds"] = spec
+            .get("terminationGracePeriodSeconds")
+            .cloned()
+            .unwrap_or(json!(5));
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    async fn create_pod(&self, pod: Pod) -> Pod {
+        self.api::<Pod>()
+            .create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod")
+    }
+
+    async fn wait_pod(
+        &self,
+        name: &str,
+        what: &str,
+        cond: impl Fn(&Pod) -> bool + Send + 'static,
+    ) -> Pod {
+        self.wait_named(self.api::<Pod>(), name, what, move |p: Option<&Pod>| {
+            p.is_some_and(&cond)
+        })
+        .await
+        .expect("pod present")
+    }
+
+    fn logs(&self, pod: &str) -> String {
+        read_logs(&state_dir(), &self.ns, pod, None)
+            .unwrap_or_else(|e| panic!("logs of {pod}: {e}"))
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let ns = self.ns.clone();
+        let agent = self.agent.take();
+        // Drop cannot be async, and the test's client is tied to the test's runtime (which is
+        // blocked here): clean up on a helper thread with its own runtime and client.
+        let cleanup = std::thread::spawn(move || {
+            if let Some(mut agent) = agent {
+                if let Ok(pid) = i32::try_from(agent.id()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _ = tx.send(agent.wait());
+                    agent
+                });
+                if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                    eprintln!("riffle-node-agent did not exit within 60s");
+                }
+            }
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let delete = async {
+                        let client = client(&kubeconfig_path()).await;
+                        let _ = Api::<Namespace>::all(client)
+                            .delete(&ns, &DeleteParams::background())
+                            .await;
+                    };
+                    if tokio::time::timeout(Duration::from_secs(30), delete)
+                        .await
+                        .is_err()
+                    {
+                        eprintln!("deleting namespace {ns} timed out");
+                    }
+                });
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+fn first_container(p: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first().cloned())
+        .expect("container status")
+}
+
+#[tokio::test]
+async fn deployment_runs_on_the_node_agent_and_is_garbage_collected() {
+    let env = TestEnv::start("deploy").await;
+    let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
+    let template = env.pod(
+        "unused",
+        json!({
+            "containers": [{
+                "name": "web",
+                "image": "riffle-testbed-probe:test",
+                "args": ["serve", "--port", "8080"],
+                "env": [{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }],
+                "ports": [{ "name": "http", "containerPort": 8080 }],
+                "readinessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 1 },
+                "livenessProbe": { "httpGet": { "path": "/healthz", "port": 8080 }, "periodSeconds": 2 },
+            }],
+        }),
+    );
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "web", "namespace": env.ns },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": labels },
+            "template": { "metadata": { "labels": labels }, "spec": template.spec },
+        },
+    }))
+    .unwrap();
+    env.api::<Deployment>()
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+
+    let pods = env
+        .wait_list(
+            env.api::<Pod>(),
+            "app=web",
+            "a Ready web pod",
+            |pods: &[Pod]| pods.iter().any(|p| phase(p) == "Running" && pod_ready(p)),
+        )
+        .await;
+    let pod = pods.into_iter().find(pod_ready).unwrap();
+    let name = pod.metadata.name.clone().unwrap();
+    let status = pod.status.clone().unwrap();
+    assert_eq!(
+        pod.spec.as_ref().unwrap().node_name.as_deref(),
+        Some(env.node.as_str())
+    );
+    let ip = status.pod_ip.clone().expect("podIP");
+    assert!(ip.starts_with("127.0.") && ip != "127.0.0.1", "pod IP {ip}");
+    assert_eq!(status.pod_ips.unwrap()[0].ip, ip);
+    assert!(first_container(&pod).ready);
+
+    // The process really serves on its pod IP.
+    let code =
+        riffle_e2e::node_agent::probe::http_get(ip.parse().unwrap(), 8080, "/healthz", None, &[])
+            .await
+            .expect("GET /healthz");
+    assert_eq!(code, 200);
+
+    // Logs through the library and the CLI.
+    let logs = env.logs(&name);
+    assert!(
+        logs.contains(&format!("listening on {ip}:8080")),
+        "logs: {logs}"
+    );
+    let cli = Command::new(AGENT)
+        .args(["logs", &format!("{}/{name}", env.ns), "web", "--state-dir"])
+        .arg(state_dir())
+        .output()
+        .unwrap();
+    assert!(cli.status.success());
+    assert!(String::from_utf8_lossy(&cli.stdout).contains("GET /healthz -> 200"));
+
+    let pid = read_pid(&state_dir(), &env.ns, &name, None).unwrap();
+    assert!(process_exists(pid));
+
+    // Background deletion: the garbage collector removes the ReplicaSet, then the pod; the
+    // agent terminates the process and removes the pod object.
+    env.api::<Deployment>()
+        .delete("web", &DeleteParams::background())
+        .await
+        .expect("delete deployment");
+    env.wait_list(
+        env.api::<ReplicaSet>(),
+        "app=web",
+        "ReplicaSets collected",
+        |rs: &[ReplicaSet]| rs.is_empty(),
+    )
+    .await;
+    env.wait_list(
+        env.api::<Pod>(),
+        "app=web",
+        "pods gone",
+        |pods: &[Pod]| pods.is_empty(),
+    )
+    .await;
+    assert!(!process_exists(pid), "process {pid} survived its pod");
+    assert!(
+        env.logs(&name).contains("SIGTERM, exiting"),
+        "graceful termination"
+    );
+
+    // Owner references between plain objects are honoured too.
+    let cms = env.api::<ConfigMap>();
+    let owner = cms
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "owner"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut dependent: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "dependent"}})).unwrap();
+    dependent.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        name: "owner".into(),
+        uid: owner.metadata.uid.clone().unwrap(),
+        ..Default::default()
+    }]);
+    let dependent = cms
+        .create(&PostParams::default(), &dependent)
+        .await
+        .unwrap();
+    let dependent_uid = dependent.metadata.uid.clone().unwrap();
+    cms.delete("owner", &DeleteParams::background())
+        .await
+        .unwrap();
+    env.wait_named(
+        cms,
+        "dependent",
+        "dependent ConfigMap collected",
+        move |c: Option<&ConfigMap>| {
+            c.is_none_or(|c| c.metadata.uid.as_deref() != Some(&dependent_uid))
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn service_account_permissions_apply_inside_pods() {
+    let env = TestEnv::start("rbac").await;
+    for sa in ["restricted", "reader"] {
+        env.api::<ServiceAccount>()
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let role: Role = serde_json::from_value(json!({
+        "metadata": { "name": "secret-reader" },
+        "rules": [{ "apiGroups": [""], "resources": ["secrets"], "verbs": ["list"] }],
+    }))
+    .unwrap();
+    env.api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": "reader-secrets" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "secret-reader" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "reader", "namespace": env.ns }],
+    }))
+    .unwrap();
+    env.api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    env.api::<Secret>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"k": "v"}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    for (name, sa) in [("denied", "restricted"), ("allowed", "reader")] {
+        env.create_pod(env.pod(
+            name,
+            json!({
+                "serviceAccountName": sa,
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "check",
+                    "image": "riffle-testbed-probe:test",
+                    "args": ["kube-can", "list", "secrets"],
+                }],
+            }),
+        ))
+        .await;
+    }
+    let denied = env
+        .wait_pod("denied", "denied pod finished", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
+    let denied_logs = env.logs("denied");
+    assert_eq!(phase(&denied), "Failed", "logs: {denied_logs}");
+    let terminated = first_container(&denied).state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.exit_code, 3, "logs: {denied_logs}");
+    assert!(denied_logs.contains("HTTP 403"), "logs: {denied_logs}");
+    assert!(
+        denied_logs.contains(&format!("system:serviceaccount:{}:restricted", env.ns)),
+        "logs: {denied_logs}"
+    );
+
+    let allowed = env
+        .wait_pod("allowed", "allowed pod finished", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
+    let allowed_logs = env.logs("allowed");
+    assert_eq!(phase(&allowed), "Succeeded", "logs: {allowed_logs}");
+    assert!(allowed_logs.contains("HTTP 200"), "logs: {allowed_logs}");
+
+    // Pods may opt out of the token.
+    env.create_pod(env.pod(
+        "no-token",
+        json!({
+            "serviceAccountName": "reader",
+            "automountServiceAccountToken": false,
+            "restartPolicy": "Never",
+            "containers": [{ "name": "check", "image": "riffle-testbed-probe:test", "args": ["kube-can", "list", "secrets"] }],
+        }),
+    ))
+    .await;
+    let no_token = env
+        .wait_pod("no-token", "no-token pod finished", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
+    assert_eq!(phase(&no_token), "Failed", "logs: {}", env.logs("no-token"));
+}
+
+#[tokio::test]
+async fn liveness_failures_restart_and_exit_codes_are_reported() {
+    let env = TestEnv::start("restart").await;
+    env.create_pod(env.pod(
+        "unhealthy",
+        json!({
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "web",
+                "image": "riffle-testbed-probe:test",
+                "args": ["serve", "--port", "8080"],
+                "livenessProbe": { "httpGet": { "path": "/unhealthy", "port": 8080 }, "initialDelaySeconds": 1, "periodSeconds": 1, "failureThreshold": 1 },
+            }],
+        }),
+    ))
+    .await;
+    env.create_pod(env.pod(
+        "exit3",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{ "name": "main", "image": "riffle-testbed-probe:test", "args": ["exit", "3"] }],
+        }),
+    ))
+    .await;
+
+    let exited = env
+        .wait_pod("exit3", "exit3 pod Failed", |p| phase(p) == "Failed")
+        .await;
+    let status = first_container(&exited);
+    let terminated = status.state.unwrap().terminated.expect("terminated state");
+    assert_eq!(terminated.exit_code, 3);
+    assert_eq!(terminated.reason.as_deref(), Some("Error"));
+    assert_eq!(status.restart_count, 0);
+    assert!(env.logs("exit3").contains("exiting with 3"));
+
+    let restarted = env
+        .wait_pod("unhealthy", "two liveness restarts", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|cs| cs.first())
+                .is_some_and(|c| c.restart_count >= 2)
+        })
+        .await;
+    assert_eq!(phase(&restarted), "Running");
+    let status = first_container(&restarted);
+    assert!(
+        status.last_state.and_then(|s| s.terminated).is_some(),
+        "lastState.terminated"
+    );
+    let logs = env.logs("unhealthy");
+    assert!(
+        logs.matches("listening on").count() >= 2,
+        "one start per run: {logs}"
+    );
+    assert!(logs.contains("GET /unhealthy -> 500"), "{logs}");
+}
+
+#[tokio::test]
+async fn env_and_volumes_come_from_config_maps_and_secrets() {
+    let env = TestEnv::start("volumes").await;
+    env.api::<ConfigMap>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"greeting": "hello-from-cm", "MODE": "fast"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    env.api::<Secret>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    env.create_pod(env.pod(
+        "files",
+        json!({
+            "restartPolicy": "Never",
+            "volumes": [
+                { "name": "cfg", "configMap": { "name": "cfg" } },
+                { "name": "creds", "secret": { "secretName": "creds" } },
+                { "name": "scratch", "emptyDir": {} },
+            ],
+            "containers": [{
+                "name": "main",
+                "image": "riffle-testbed-probe:test",
+                "command": ["sh", "-c", "cat $RIFFLE_MOUNT_ROOT/etc/cfg/greeting; echo; cat \"$1\"; echo; echo pw=$PASSWORD mode=$MODE name=$POD_NAME ns=$MY_NS sa=$SA; test -d $RIFFLE_MOUNT_ROOT/scratch && test -f \"$KUBECONFIG\" && echo ok", "sh", "/etc/creds/password"],
+                "env": [
+                    { "name": "PASSWORD", "valueFrom": { "secretKeyRef": { "name": "creds", "key": "password" } } },
+                    { "name": "MY_NS", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+                    { "name": "SA", "valueFrom": { "fieldRef": { "fieldPath": "spec.serviceAccountName" } } },
+                ],
+                "envFrom": [{ "configMapRef": { "name": "cfg" } }],
+                "volumeMounts": [
+                    { "name": "cfg", "mountPath": "/etc/cfg" },
+                    { "name": "creds", "mountPath": "/etc/creds", "readOnly": true },
+                    { "name": "scratch", "mountPath": "/scratch" },
+                ],
+            }],
+        }),
+    ))
+    .await;
+    let pod = env
+        .wait_pod("files", "files pod finished", |p| {
+            matches!(phase(p), "Succeeded" | "Failed")
+        })
+        .await;
+    let logs = env.logs("files");
+    assert_eq!(phase(&pod), "Succeeded", "logs: {logs}");
+    assert!(logs.contains("hello-from-cm\ns3cret\n"), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "pw=s3cret mode=fast name=files ns={} sa=default",
+            env.ns
+        )),
+        "{logs}"
+    );
+    assert!(logs.contains("ok\n"), "{logs}");
+    let list = env.api::<Pod>().list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+}
