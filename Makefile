@@ -5,7 +5,7 @@ export RIFFLE_CACHE ?= $(HOME)/.cache/riffle
 export CARGO_TARGET_DIR ?= $(RIFFLE_CACHE)/target
 CARGO ?= cargo
 
-.PHONY: demo test bench lint fmt deps build fuzz
+.PHONY: demo test bench lint fmt deps build
 
 deps:
 	@scripts/install-deps.sh
@@ -26,7 +26,7 @@ demo: deps
 test: deps
 	$(CARGO) test --workspace --no-run
 	e2e/testbed/testbed up
-	eval "$$(e2e/testbed/testbed env)" && $(CARGO) test --workspace; \
+	eval "$$(e2e/testbed/testbed env)" && $(CARGO) test --workspace --no-fail-fast; \
 	  rc=$$?; e2e/testbed/testbed down; exit $$rc
 
 ## Criterion micro-benchmarks and the whole-pipeline benchmark (release build).
@@ -44,7 +44,3 @@ fmt:
 
 -include e2e/testbed.mk
 
-## Coverage-guided fuzzing of the event decoders (nightly + cargo-fuzz; not part of `make test`).
-fuzz:
-	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd runtime/fuzz && $(CARGO) +nightly fuzz run decode_event -- -max_total_time=$${FUZZ_SECONDS:-60}

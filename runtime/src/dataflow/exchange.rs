@@ -274,6 +274,13 @@ mod tests {
             ]
         );
 
+        let Payload::Increments(adds) = &out.boxes[0][0].payload else {
+            panic!()
+        };
+        assert_eq!(adds.len(), 1);
+        assert_eq!(adds[0].weight, 3, "two increments summed");
+        assert_eq!((out.increments_in, out.increments_out), (4, 3));
+
         // A sender whose last event precedes a crossing flushes right before that crossing,
         // even though the crossing is another sender's event.
         let mut y = ExchangeWriter::new(routing, &frame);
@@ -281,12 +288,6 @@ mod tests {
         y.add(1, 0, &b, &a, 1);
         let out = y.finish();
         assert_eq!(out.boxes[0][0].key, (5, RANK_CROSSING));
-        let Payload::Increments(adds) = &out.boxes[0][0].payload else {
-            panic!()
-        };
-        assert_eq!(adds.len(), 1);
-        assert_eq!(adds[0].weight, 3, "two increments summed");
-        assert_eq!((out.increments_in, out.increments_out), (4, 3));
     }
 
     use super::super::Crossing;
