@@ -60,20 +60,39 @@ pub fn rank_order(a: &(u64, &Key), b: &(u64, &Key)) -> std::cmp::Ordering {
 }
 
 /// The top `n` of `(id, weight)` pairs with weight > 0, in rank order.
+///
+/// One pass with a bounded buffer: most entries of a long row are rejected by a single
+/// integer comparison with the current n-th best, without allocating or comparing ids.
 pub fn top_n<'a>(entries: impl Iterator<Item = (&'a Key, u64)>, n: usize) -> Vec<(&'a Key, u64)> {
-    let mut v: Vec<(u64, &Key)> = entries
-        .filter(|(_, w)| *w > 0)
-        .map(|(k, w)| (w, k))
-        .collect();
     if n == 0 {
         return Vec::new();
     }
-    if v.len() > n {
-        v.select_nth_unstable_by(n - 1, rank_order);
-        v.truncate(n);
+    let mut best: Vec<(u64, &Key)> = Vec::with_capacity(n);
+    let lowest = |best: &[(u64, &Key)]| {
+        (0..best.len())
+            .max_by(|a, b| rank_order(&best[*a], &best[*b]))
+            .unwrap_or(0)
+    };
+    let mut worst = 0;
+    for (k, w) in entries {
+        if w == 0 {
+            continue;
+        }
+        if best.len() < n {
+            best.push((w, k));
+            if best.len() == n {
+                worst = lowest(&best);
+            }
+            continue;
+        }
+        let (ww, wk) = best[worst];
+        if w > ww || (w == ww && k.as_bytes() < wk.as_bytes()) {
+            best[worst] = (w, k);
+            worst = lowest(&best);
+        }
     }
-    v.sort_unstable_by(rank_order);
-    v.into_iter().map(|(w, k)| (k, w)).collect()
+    best.sort_unstable_by(rank_order);
+    best.into_iter().map(|(w, k)| (k, w)).collect()
 }
 
 #[cfg(test)]
