@@ -4,7 +4,7 @@
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 
-packages=(cmake clang libclang-dev libcurl4-openssl-dev libssl-dev libsasl2-dev libzstd-dev pkg-config g++ make openssl)
+packages=(cmake clang libclang-dev libcurl4-openssl-dev libssl-dev libsasl2-dev libzstd-dev pkg-config g++ make openssl curl)
 
 missing=()
 for p in "${packages[@]}"; do
