@@ -325,6 +325,28 @@ fn default_max_batch() -> usize {
 }
 
 impl JobConfig {
+    /// A local job with its output, state and checkpoints under `workdir` and defaults
+    /// elsewhere (demo, backtest, benchmark, tests).
+    pub fn local(name: &str, workdir: &std::path::Path, source: SourceConfig) -> Self {
+        Self {
+            name: name.into(),
+            parallelism: default_parallelism(),
+            key_groups: default_key_groups(),
+            source,
+            sink: SinkConfig {
+                dir: workdir.join("output"),
+                item_stats: true,
+            },
+            state_dir: workdir.join("state"),
+            checkpoint_store: format!("file://{}", workdir.join("checkpoints").display()),
+            checkpoint_interval: default_checkpoint_interval(),
+            retained_checkpoints: default_retained(),
+            max_batch_size: default_max_batch(),
+            http: None,
+            dataflow: DataflowConfig::default(),
+        }
+    }
+
     pub fn from_yaml(text: &str) -> Result<Self> {
         let cfg: Self = serde_yaml::from_str(text)?;
         cfg.validate()?;

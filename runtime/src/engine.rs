@@ -141,13 +141,10 @@ impl Engine {
         let partitions = source.partitions();
         let located = locate(store.as_ref(), &restore)?;
         let state_dir = cfg.state_dir.clone();
-        let mut engine = match located {
+        let (state, manifest) = match located {
             None => {
                 tracing::info!(store = %cfg.checkpoint_store, "starting with fresh state");
-                let state = StateManager::create(&state_dir)?;
-                Self::assemble(
-                    cfg, source, sink, store, state, workers, routing, windowing, board, metrics,
-                )
+                (StateManager::create(&state_dir)?, None)
             }
             Some((restore_store, base, manifest)) => {
                 if manifest.key_groups != cfg.key_groups {
@@ -159,64 +156,22 @@ impl Engine {
                 let from = restore_store
                     .as_ref()
                     .map_or(store.as_ref(), |s| s.as_ref());
-                let state = StateManager::restore(
-                    &state_dir,
-                    from,
-                    &base,
-                    &manifest,
-                    restore_store.is_none(),
-                )?;
+                let same_store = restore_store.is_none();
+                let state = StateManager::restore(&state_dir, from, &base, &manifest, same_store)?;
                 tracing::info!(
                     checkpoint = manifest.id,
                     parallelism_then = manifest.parallelism,
                     parallelism_now = cfg.parallelism,
                     "restoring"
                 );
-                let mut e = Self::assemble(
-                    cfg, source, sink, store, state, workers, routing, windowing, board, metrics,
-                );
-                e.restore_from(manifest)?;
-                e
+                (state, Some(manifest))
             }
         };
-        engine.next_id = engine
-            .next_id
-            .max(existing.last().copied().unwrap_or(0) + 1)
-            .max(engine.last_id + 1);
-        if engine.last_id == 0 {
-            // A fresh start: nothing an earlier incarnation left pending may ever be published.
-            engine.sink.recover(0, engine.next_id)?;
-        } else {
-            engine.sink.recover(engine.last_id, engine.next_id)?;
-        }
-        for p in 0..partitions {
-            if engine.source.is_finished(p) {
-                engine.tracker.finish(p);
-            }
-        }
-        engine.metrics.ready.store(true, Relaxed);
-        Ok(engine)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        cfg: JobConfig,
-        source: Box<dyn Source>,
-        sink: Box<dyn Sink>,
-        store: Box<dyn CheckpointStore>,
-        state: StateManager,
-        workers: Vec<Worker>,
-        routing: Routing,
-        windowing: Windowing,
-        board: TrendingBoard,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let partitions = source.partitions();
         let tracker = crate::watermark::WatermarkTracker::new(
             partitions,
             cfg.dataflow.max_out_of_orderness.0,
         );
-        Self {
+        let mut engine = Self {
             cfg,
             source,
             sink,
@@ -239,7 +194,27 @@ impl Engine {
             rate_window: (Instant::now(), 0),
             latency: None,
             checkpoint_log: Vec::new(),
+        };
+        if let Some(m) = manifest {
+            engine.restore_from(m)?;
         }
+        engine.next_id = engine
+            .next_id
+            .max(existing.last().copied().unwrap_or(0) + 1)
+            .max(engine.last_id + 1);
+        if engine.last_id == 0 {
+            // A fresh start: nothing an earlier incarnation left pending may ever be published.
+            engine.sink.recover(0, engine.next_id)?;
+        } else {
+            engine.sink.recover(engine.last_id, engine.next_id)?;
+        }
+        for p in 0..partitions {
+            if engine.source.is_finished(p) {
+                engine.tracker.finish(p);
+            }
+        }
+        engine.metrics.ready.store(true, Relaxed);
+        Ok(engine)
     }
 
     fn restore_from(&mut self, m: Manifest) -> Result<()> {

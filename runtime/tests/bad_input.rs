@@ -6,9 +6,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use riffle_runtime::config::{
-    DataflowConfig, Duration, FileFormat, FileSourceConfig, JobConfig, SinkConfig, SourceConfig,
-};
+use riffle_runtime::config::{Duration, FileFormat, FileSourceConfig, JobConfig, SourceConfig};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::event::{parse_json, DeadLetter, Validation, MAX_RECORD_BYTES};
 use riffle_runtime::metrics::Metrics;
@@ -108,25 +106,15 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
         f.write_all(b"\n").unwrap();
     }
     drop(f);
+    let source = SourceConfig::File(FileSourceConfig {
+        paths: vec![input.clone()],
+        format: FileFormat::Json,
+    });
     let cfg = JobConfig {
-        name: "bad".into(),
-        parallelism: 1,
         key_groups: 4,
-        source: SourceConfig::File(FileSourceConfig {
-            paths: vec![input.clone()],
-            format: FileFormat::Json,
-        }),
-        sink: SinkConfig {
-            dir: dir.path().join("out"),
-            item_stats: true,
-        },
-        state_dir: dir.path().join("state"),
-        checkpoint_store: format!("file://{}", dir.path().join("ckpt").display()),
         checkpoint_interval: Duration::secs(60),
-        retained_checkpoints: 1,
         max_batch_size: 3,
-        http: None,
-        dataflow: DataflowConfig::default(),
+        ..JobConfig::local("bad", dir.path(), source)
     };
     let src = FileSource::open(
         match &cfg.source {

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use riffle_runtime::config::{
-    DataflowConfig, Duration, GeneratorConfig, JobConfig, SinkConfig, SourceConfig,
-};
+use riffle_runtime::config::{DataflowConfig, Duration, GeneratorConfig, JobConfig, SourceConfig};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::metrics::Metrics;
 use riffle_runtime::sink::file::FileSink;
@@ -22,28 +20,21 @@ fn state_is_flat_on_a_long_replay_with_a_fixed_key_set() {
         events_per_second: 250, // 500 events per event-time second in total: 800 s of event time
         ..GeneratorConfig::default()
     };
-    let cfg = JobConfig {
-        name: "flat".into(),
+    let mut cfg = JobConfig {
         parallelism: 2,
         key_groups: 16,
-        source: SourceConfig::Generator(gen.clone()),
-        sink: SinkConfig {
-            dir: dir.path().join("out"),
-            item_stats: false,
-        },
-        state_dir: dir.path().join("state"),
-        checkpoint_store: format!("file://{}", dir.path().join("ckpt").display()),
         checkpoint_interval: Duration::secs(3600),
         retained_checkpoints: 2,
         max_batch_size: 1000,
-        http: None,
         dataflow: DataflowConfig {
             window_size: Duration::secs(20),
             window_slide: Duration::secs(5),
             session_gap: Duration::secs(10),
             ..DataflowConfig::default()
         },
+        ..JobConfig::local("flat", dir.path(), SourceConfig::Generator(gen.clone()))
     };
+    cfg.sink.item_stats = false;
     let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
     let metrics = Arc::new(Metrics::default());
     let mut e = Engine::new(
@@ -110,23 +101,14 @@ fn checkpoints_are_incremental_and_garbage_is_collected() {
         events_per_second: 100,
         ..GeneratorConfig::default()
     };
-    let cfg = JobConfig {
-        name: "gc".into(),
+    let mut cfg = JobConfig {
         parallelism: 2,
         key_groups: 16,
-        source: SourceConfig::Generator(gen.clone()),
-        sink: SinkConfig {
-            dir: dir.path().join("out"),
-            item_stats: false,
-        },
-        state_dir: dir.path().join("state"),
-        checkpoint_store: format!("file://{}", dir.path().join("ckpt").display()),
         checkpoint_interval: Duration::secs(3600),
-        retained_checkpoints: 3,
         max_batch_size: 1000,
-        http: None,
-        dataflow: DataflowConfig::default(),
+        ..JobConfig::local("gc", dir.path(), SourceConfig::Generator(gen.clone()))
     };
+    cfg.sink.item_stats = false;
     let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
     let mut e = Engine::new(
         cfg,
@@ -158,7 +140,7 @@ fn checkpoints_are_incremental_and_garbage_is_collected() {
         "uploaded {uploaded} of {referenced}"
     );
 
-    let store = dir.path().join("ckpt");
+    let store = dir.path().join("checkpoints");
     let mut chk_dirs: Vec<String> = std::fs::read_dir(&store)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{GeneratorConfig, JobConfig, SinkConfig, SourceConfig};
+use crate::config::{GeneratorConfig, JobConfig, SourceConfig};
 use crate::engine::{Engine, Restore};
 use crate::metrics::Metrics;
 use crate::sink::file::FileSink;
@@ -102,21 +102,9 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         ..GeneratorConfig::default()
     };
     let job = JobConfig {
-        name: "bench".into(),
         parallelism: opts.parallelism,
-        key_groups: 128,
-        source: SourceConfig::Generator(gen.clone()),
-        sink: SinkConfig {
-            dir: workdir.join("output"),
-            item_stats: true,
-        },
-        state_dir: workdir.join("state"),
-        checkpoint_store: format!("file://{}", workdir.join("checkpoints").display()),
-        checkpoint_interval: crate::config::Duration::secs(10),
-        retained_checkpoints: 3,
         max_batch_size: opts.max_batch_size,
-        http: None,
-        dataflow: Default::default(),
+        ..JobConfig::local("bench", workdir, SourceConfig::Generator(gen.clone()))
     };
     let metrics = Arc::new(Metrics::default());
     let sink = FileSink::open(&job.sink.dir, 1)?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{DataflowConfig, JobConfig, SinkConfig, SourceConfig};
+use crate::config::{DataflowConfig, JobConfig, SourceConfig};
 use crate::engine::{Engine, Restore};
 use crate::error::IoContext;
 use crate::event::{parse_session_tsv, Event, Validation};
@@ -59,23 +59,14 @@ pub fn read_sessions(path: &Path, id_prefix: &str) -> Result<Vec<Event>> {
 
 /// The job a backtest runs: `dataflow` from the given config, local scratch directories.
 pub fn eval_job(dataflow: DataflowConfig, parallelism: usize, scratch: &Path) -> JobConfig {
-    JobConfig {
-        name: "eval".into(),
-        parallelism,
-        key_groups: 128,
-        source: SourceConfig::Generator(Default::default()), // replaced by the in-memory source
-        sink: SinkConfig {
-            dir: scratch.join("output"),
-            item_stats: false,
-        },
-        state_dir: scratch.join("state"),
-        checkpoint_store: format!("file://{}", scratch.join("checkpoints").display()),
-        checkpoint_interval: crate::config::Duration::secs(3600),
-        retained_checkpoints: 1,
-        max_batch_size: 4096,
-        http: None,
-        dataflow,
-    }
+    // The source is replaced by the in-memory replay; only final checkpoint matters.
+    let mut job = JobConfig::local("eval", scratch, SourceConfig::Generator(Default::default()));
+    job.parallelism = parallelism;
+    job.sink.item_stats = false;
+    job.checkpoint_interval = crate::config::Duration::secs(3600);
+    job.retained_checkpoints = 1;
+    job.dataflow = dataflow;
+    job
 }
 
 pub fn run(train: &Path, test: &Path, mut job: JobConfig, k: usize) -> Result<EvalResult> {

@@ -6,7 +6,7 @@ pub mod eval;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{GeneratorConfig, HttpConfig, JobConfig, SinkConfig, SourceConfig};
+use crate::config::{GeneratorConfig, HttpConfig, JobConfig, SourceConfig};
 use crate::engine::{Engine, Restore};
 use crate::event::Validation;
 use crate::metrics::Metrics;
@@ -34,31 +34,21 @@ pub fn open_engine(cfg: JobConfig, restore: Restore, metrics: Arc<Metrics>) -> R
 
 /// The embedded demo job: a generated clickstream through the whole dataflow.
 pub fn demo_config(workdir: &Path, events: u64, parallelism: usize) -> JobConfig {
+    let source = SourceConfig::Generator(GeneratorConfig {
+        users: 50_000,
+        items: 5_000,
+        events,
+        partitions: 2,
+        events_per_second: 100,
+        ..GeneratorConfig::default()
+    });
     JobConfig {
-        name: "demo".into(),
         parallelism,
-        key_groups: 128,
-        source: SourceConfig::Generator(GeneratorConfig {
-            users: 50_000,
-            items: 5_000,
-            events,
-            partitions: 2,
-            events_per_second: 100,
-            ..GeneratorConfig::default()
-        }),
-        sink: SinkConfig {
-            dir: workdir.join("output"),
-            item_stats: true,
-        },
-        state_dir: workdir.join("state"),
-        checkpoint_store: format!("file://{}", workdir.join("checkpoints").display()),
         checkpoint_interval: crate::config::Duration::secs(2),
-        retained_checkpoints: 3,
-        max_batch_size: 4096,
         http: Some(HttpConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
         }),
-        dataflow: Default::default(),
+        ..JobConfig::local("demo", workdir, source)
     }
 }
 
