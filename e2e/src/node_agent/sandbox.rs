@@ -188,23 +188,29 @@ fn not_found_as_none<T>(result: kube::Result<T>, what: &str) -> Result<Option<T>
     }
 }
 
+/// Text and binary keys of a ConfigMap or Secret as bytes (binary wins on a clash, as the
+/// API server never returns both for one key anyway).
+fn merge_data(
+    text: Option<BTreeMap<String, String>>,
+    binary: Option<BTreeMap<String, k8s_openapi::ByteString>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = text
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect();
+    for (k, v) in binary.unwrap_or_default() {
+        out.insert(k, v.0);
+    }
+    out
+}
+
 impl<'a> Objects<'a> {
     async fn config_map(&mut self, name: &str) -> Result<Option<&BTreeMap<String, Vec<u8>>>> {
         if !self.config_maps.contains_key(name) {
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
             let cm = not_found_as_none(api.get(name).await, &format!("configmap {name}"))?;
-            let data = cm.map(|cm| {
-                let mut out: BTreeMap<String, Vec<u8>> = cm
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes()))
-                    .collect();
-                for (k, v) in cm.binary_data.unwrap_or_default() {
-                    out.insert(k, v.0);
-                }
-                out
-            });
+            let data = cm.map(|cm| merge_data(cm.data, cm.binary_data));
             self.config_maps.insert(name.to_owned(), data);
         }
         Ok(self.config_maps[name].as_ref())
@@ -214,18 +220,7 @@ impl<'a> Objects<'a> {
         if !self.secrets.contains_key(name) {
             let api: Api<Secret> = Api::namespaced(self.client.clone(), self.namespace);
             let secret = not_found_as_none(api.get(name).await, &format!("secret {name}"))?;
-            let data = secret.map(|s| {
-                let mut out: BTreeMap<String, Vec<u8>> = s
-                    .string_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes()))
-                    .collect();
-                for (k, v) in s.data.unwrap_or_default() {
-                    out.insert(k, v.0);
-                }
-                out
-            });
+            let data = secret.map(|s| merge_data(s.string_data, s.data));
             self.secrets.insert(name.to_owned(), data);
         }
         Ok(self.secrets[name].as_ref())
