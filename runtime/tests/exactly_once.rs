@@ -4,14 +4,15 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{latest_manifest, sorted_outputs, spawn_run, wait_until, write_yaml};
+use common::{
+    distinct_recommendations, latest_manifest, lines, sorted_outputs, spawn_run, wait_until,
+    write_yaml,
+};
 use riffle_runtime::config::GeneratorConfig;
-use riffle_runtime::dataflow::output::Recommendation;
 use riffle_runtime::sink::Stream;
 use riffle_runtime::source::generator::{splitmix, Generator};
 
@@ -140,35 +141,11 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         assert_eq!(a.len(), b.len(), "{s:?}: record counts differ");
         assert!(a == b, "{s:?}: records differ");
     }
-    let recs = &chaos_out
-        .iter()
-        .find(|(s, _)| *s == Stream::Recommendations)
-        .unwrap()
-        .1;
-    let mut ids = HashSet::new();
-    for l in recs {
-        let r: Recommendation = serde_json::from_str(l).unwrap();
-        assert!(
-            ids.insert(r.event_id.clone()),
-            "duplicate recommendation for {}",
-            r.event_id
-        );
-    }
     assert_eq!(
-        ids.len() as u64,
+        distinct_recommendations(lines(&chaos_out, Stream::Recommendations)) as u64,
         valid,
         "one recommendation per valid event"
     );
-    let dead = &chaos_out
-        .iter()
-        .find(|(s, _)| *s == Stream::DeadLetter)
-        .unwrap()
-        .1;
-    assert_eq!(dead.len() as u64, invalid);
-    let stats = &chaos_out
-        .iter()
-        .find(|(s, _)| *s == Stream::ItemStats)
-        .unwrap()
-        .1;
-    assert!(!stats.is_empty());
+    assert_eq!(lines(&chaos_out, Stream::DeadLetter).len() as u64, invalid);
+    assert!(!lines(&chaos_out, Stream::ItemStats).is_empty());
 }

@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::path::Path;
 
-use common::{http, sorted_outputs, spawn_run, write_yaml};
-use riffle_runtime::dataflow::output::Recommendation;
+use common::{distinct_recommendations, http, lines, sorted_outputs, spawn_run, write_yaml};
 use riffle_runtime::sink::Stream;
 
 fn config(dir: &Path, name: &str, parallelism: usize) -> std::path::PathBuf {
@@ -102,27 +100,14 @@ fn savepoint_over_http_then_restore_at_another_parallelism() {
 
     let got = sorted_outputs(&dir.join("sp/out"));
     let want = sorted_outputs(&dir.join("clean/out"));
-    let stats = |o: &[(Stream, Vec<String>)]| {
-        o.iter()
-            .find(|(s, _)| *s == Stream::ItemStats)
-            .unwrap()
-            .1
-            .clone()
-    };
+    let stats = |o: &[(Stream, Vec<String>)]| lines(o, Stream::ItemStats).to_vec();
     assert!(!stats(&want).is_empty());
     assert!(
         stats(&got) == stats(&want),
         "item stats differ after restore at parallelism 3"
     );
-    let recs = &got
-        .iter()
-        .find(|(s, _)| *s == Stream::Recommendations)
-        .unwrap()
-        .1;
-    let mut ids = HashSet::new();
-    for l in recs {
-        let r: Recommendation = serde_json::from_str(l).unwrap();
-        assert!(ids.insert(r.event_id), "duplicate recommendation");
-    }
-    assert_eq!(ids.len(), 600_000);
+    assert_eq!(
+        distinct_recommendations(lines(&got, Stream::Recommendations)),
+        600_000
+    );
 }

@@ -357,6 +357,23 @@ fn create_dir(path: &Path) -> Result<()> {
 }
 
 /// Writes `data` keys (all, or the listed items) into `dir`.
+/// Write a ConfigMap's or Secret's keys into `dir`; a missing object is an error unless the
+/// volume marks it optional.
+fn write_object_keys(
+    dir: &Path,
+    data: Option<&BTreeMap<String, Vec<u8>>>,
+    items: Option<&Vec<KeyToPath>>,
+    default_mode: Option<i32>,
+    optional: Option<bool>,
+    what: &str,
+) -> Result<()> {
+    match data {
+        Some(data) => write_keys(dir, data, items, default_mode, what),
+        None if optional == Some(true) => Ok(()),
+        None => Err(Error::ContainerConfig(format!("{what} not found"))),
+    }
+}
+
 fn write_keys(
     dir: &Path,
     data: &BTreeMap<String, Vec<u8>>,
@@ -585,79 +602,47 @@ where
         Ok(())
     };
     if let Some(cm) = &volume.config_map {
-        match objects.config_map(&cm.name).await? {
-            Some(data) => write_keys(
-                &path,
-                data,
-                cm.items.as_ref(),
-                cm.default_mode,
-                &what("configmap", &cm.name),
-            )?,
-            None if cm.optional == Some(true) => {}
-            None => {
-                return Err(Error::ContainerConfig(format!(
-                    "{} not found",
-                    what("configmap", &cm.name)
-                )))
-            }
-        }
+        write_object_keys(
+            &path,
+            objects.config_map(&cm.name).await?,
+            cm.items.as_ref(),
+            cm.default_mode,
+            cm.optional,
+            &what("configmap", &cm.name),
+        )?;
     } else if let Some(secret) = &volume.secret {
         let name = secret.secret_name.clone().unwrap_or_default();
-        match objects.secret(&name).await? {
-            Some(data) => write_keys(
-                &path,
-                data,
-                secret.items.as_ref(),
-                secret.default_mode,
-                &what("secret", &name),
-            )?,
-            None if secret.optional == Some(true) => {}
-            None => {
-                return Err(Error::ContainerConfig(format!(
-                    "{} not found",
-                    what("secret", &name)
-                )))
-            }
-        }
+        write_object_keys(
+            &path,
+            objects.secret(&name).await?,
+            secret.items.as_ref(),
+            secret.default_mode,
+            secret.optional,
+            &what("secret", &name),
+        )?;
     } else if let Some(d) = &volume.downward_api {
         downward(d.items.as_deref().unwrap_or_default(), d.default_mode)?;
     } else if let Some(projected) = &volume.projected {
         let mode = projected.default_mode;
         for source in projected.sources.iter().flatten() {
             if let Some(cm) = &source.config_map {
-                match objects.config_map(&cm.name).await? {
-                    Some(data) => write_keys(
-                        &path,
-                        data,
-                        cm.items.as_ref(),
-                        mode,
-                        &what("configmap", &cm.name),
-                    )?,
-                    None if cm.optional == Some(true) => {}
-                    None => {
-                        return Err(Error::ContainerConfig(format!(
-                            "{} not found",
-                            what("configmap", &cm.name)
-                        )))
-                    }
-                }
+                write_object_keys(
+                    &path,
+                    objects.config_map(&cm.name).await?,
+                    cm.items.as_ref(),
+                    mode,
+                    cm.optional,
+                    &what("configmap", &cm.name),
+                )?;
             } else if let Some(secret) = &source.secret {
-                match objects.secret(&secret.name).await? {
-                    Some(data) => write_keys(
-                        &path,
-                        data,
-                        secret.items.as_ref(),
-                        mode,
-                        &what("secret", &secret.name),
-                    )?,
-                    None if secret.optional == Some(true) => {}
-                    None => {
-                        return Err(Error::ContainerConfig(format!(
-                            "{} not found",
-                            what("secret", &secret.name)
-                        )))
-                    }
-                }
+                write_object_keys(
+                    &path,
+                    objects.secret(&secret.name).await?,
+                    secret.items.as_ref(),
+                    mode,
+                    secret.optional,
+                    &what("secret", &secret.name),
+                )?;
             } else if let Some(d) = &source.downward_api {
                 downward(d.items.as_deref().unwrap_or_default(), mode)?;
             } else if let Some(token) = &source.service_account_token {

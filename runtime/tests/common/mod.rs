@@ -26,6 +26,29 @@ pub fn sorted_outputs(out: &Path) -> Vec<(Stream, Vec<String>)> {
         .collect()
 }
 
+/// The lines of one stream in the result of [`sorted_outputs`].
+pub fn lines(outputs: &[(Stream, Vec<String>)], stream: Stream) -> &[String] {
+    &outputs
+        .iter()
+        .find(|(s, _)| *s == stream)
+        .expect("every stream is listed")
+        .1
+}
+
+/// Asserts no event got two recommendations; returns how many events got one.
+pub fn distinct_recommendations(lines: &[String]) -> usize {
+    let mut ids = std::collections::HashSet::new();
+    for l in lines {
+        let r: riffle_runtime::dataflow::output::Recommendation = serde_json::from_str(l).unwrap();
+        assert!(
+            ids.insert(r.event_id.clone()),
+            "duplicate recommendation for {}",
+            r.event_id
+        );
+    }
+    ids.len()
+}
+
 /// The newest completed checkpoint's manifest in a file store, if any.
 pub fn latest_manifest(store: &Path) -> Option<Manifest> {
     let mut ids = Vec::new();
