@@ -28,8 +28,15 @@ fn client() -> Client {
         None,
         "testbed",
     );
+    // The workspace builds the SDK without its default (aws-lc) HTTPS client: rustls<ring>.
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
+        .http_client(http)
         .endpoint_url(env("S3_ENDPOINT"))
         .region(Region::new(env("AWS_REGION")))
         .credentials_provider(creds)

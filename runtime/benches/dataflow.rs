@@ -62,6 +62,7 @@ fn dataflow_batch(c: &mut Criterion) {
                 top_k: 20,
                 trending_capacity: 60,
                 emit_stats: true,
+                emit_late: true,
             });
             let mut k = 0u64;
             let mut wm = i64::MIN;

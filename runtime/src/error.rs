@@ -21,8 +21,15 @@ pub enum Error {
     NoCheckpoint(String),
     #[error("serialization: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("YAML configuration: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    #[error(transparent)]
+    ConfigFile(#[from] riffle_config::ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] riffle_store::StoreError),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    /// The open transaction was aborted: restart from the last committed state.
+    #[error("transaction aborted, rewinding: {0}")]
+    Rewind(String),
     #[error("engine stopped: {0}")]
     Stopped(String),
 }

@@ -3,8 +3,8 @@
 
 pub mod checkpoint;
 pub mod commands;
-pub mod config;
 pub mod dataflow;
+pub mod distributed;
 pub mod engine;
 mod error;
 pub mod event;
@@ -17,3 +17,7 @@ pub mod state;
 pub mod watermark;
 
 pub use error::{Error, Result};
+/// The job configuration (crate `riffle-config`, shared with the operator).
+pub use riffle_config as config;
+/// Object stores for checkpoints and savepoints (crate `riffle-store`).
+pub use riffle_store as store;

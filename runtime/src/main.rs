@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use riffle_runtime::commands::{self, bench, eval};
-use riffle_runtime::config::{DataflowConfig, JobConfig};
+use riffle_runtime::config::{DataflowConfig, HttpConfig, JobConfig};
 use riffle_runtime::dataflow::output::Recommendation;
+use riffle_runtime::distributed::{RestoreArg, WorkerControl, WorkerOptions};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::metrics::Metrics;
 use riffle_runtime::sink::{file::read_committed, Stream};
@@ -38,13 +39,33 @@ enum Command {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
-    /// Run a job from a configuration file.
+    /// Run a job from a configuration file. A job with a Kafka source runs as one worker of a
+    /// distributed job (see "Run on Kafka" in the README).
     Run {
         #[arg(long)]
         config: PathBuf,
-        /// `latest` (newest checkpoint in the store; fresh if none) or a checkpoint/savepoint directory.
+        /// Local mode: `latest` (newest checkpoint; fresh if none), `none`, or a checkpoint or
+        /// savepoint directory. Distributed mode: `latest` (the default: the committed state,
+        /// fresh if none), `none`, or a savepoint URL (`s3://…` or `file://…`).
         #[arg(long)]
-        restore: Option<Restore>,
+        restore: Option<String>,
+        /// Distributed: this worker's index (default: $RIFFLE_WORKER_INDEX, else the ordinal
+        /// at the end of the hostname, as in a StatefulSet, else 0).
+        #[arg(long)]
+        worker_index: Option<u32>,
+        /// Distributed: the number of workers (default: $RIFFLE_WORKERS, else `parallelism`).
+        #[arg(long)]
+        workers: Option<u32>,
+        /// Distributed: the generation (default: $RIFFLE_GENERATION, else 1). A new worker
+        /// count or a restore from a savepoint needs a new, larger generation.
+        #[arg(long)]
+        generation: Option<u32>,
+        /// Overrides `stateDir` (default: $RIFFLE_STATE_DIR).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Overrides the HTTP API address (default: $RIFFLE_HTTP_LISTEN, else `http`).
+        #[arg(long)]
+        http_listen: Option<std::net::SocketAddr>,
     },
     /// Backtest: replay train then test, score next-item recommendations.
     Eval {
@@ -73,10 +94,18 @@ enum Command {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
-    /// Ask a running job for a savepoint (POST /savepoint).
+    /// Ask a running job for a savepoint (POST /savepoint). For a distributed job, any one
+    /// worker's endpoint will do: the others join through the exchange, and the answer comes
+    /// once the job-wide savepoint is complete.
     Savepoint {
         #[arg(long, default_value = "127.0.0.1:9250")]
         endpoint: String,
+        /// Savepoint id (distributed; default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// Stop the job once the savepoint is taken.
+        #[arg(long)]
+        stop: bool,
     },
 }
 
@@ -93,7 +122,25 @@ fn main() -> anyhow::Result<()> {
             parallelism,
             workdir,
         } => demo(events, parallelism, workdir),
-        Command::Run { config, restore } => run(&config, restore.unwrap_or(Restore::None)),
+        Command::Run {
+            config,
+            restore,
+            worker_index,
+            workers,
+            generation,
+            state_dir,
+            http_listen,
+        } => run(
+            &config,
+            restore,
+            RunOverrides {
+                worker_index,
+                workers,
+                generation,
+                state_dir,
+                http_listen,
+            },
+        ),
         Command::Eval {
             train,
             test,
@@ -142,7 +189,7 @@ fn main() -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Savepoint { endpoint } => savepoint(&endpoint),
+        Command::Savepoint { endpoint, id, stop } => savepoint(&endpoint, id, stop),
     }
 }
 
@@ -160,26 +207,127 @@ fn one() -> usize {
     1
 }
 
-fn run(config: &std::path::Path, restore: Restore) -> anyhow::Result<()> {
-    let cfg = JobConfig::load(config)?;
-    let metrics = Arc::new(Metrics::default());
-    let (tx, rx) = crossbeam_channel::unbounded();
-    if let Some(http) = &cfg.http {
-        let addr = riffle_runtime::http::spawn(
-            http.listen,
-            riffle_runtime::http::router(cfg.name.clone(), metrics.clone(), tx),
-        )
-        .with_context(|| format!("binding the HTTP API on {}", http.listen))?;
-        tracing::info!(%addr, "HTTP API listening");
-        eprintln!("riffle: HTTP API on http://{addr}");
+/// Per-process settings of a run (flags win over environment variables).
+struct RunOverrides {
+    worker_index: Option<u32>,
+    workers: Option<u32>,
+    generation: Option<u32>,
+    state_dir: Option<PathBuf>,
+    http_listen: Option<std::net::SocketAddr>,
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
+        _ => Ok(None),
     }
+}
+
+/// The ordinal at the end of a StatefulSet pod's hostname (`name-3` → 3).
+fn hostname_ordinal() -> Option<u32> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())?;
+    host.trim().rsplit_once('-')?.1.parse().ok()
+}
+
+fn run(config: &std::path::Path, restore: Option<String>, o: RunOverrides) -> anyhow::Result<()> {
+    let mut cfg = JobConfig::load(config)?;
+    if let Some(dir) = o.state_dir.or(env_parse::<PathBuf>("RIFFLE_STATE_DIR")?) {
+        cfg.state_dir = dir;
+    }
+    if let Some(listen) = o.http_listen.or(env_parse("RIFFLE_HTTP_LISTEN")?) {
+        cfg.http = Some(HttpConfig::listen(listen));
+    }
+    let metrics = Arc::new(Metrics::default());
+    let serve = |router: axum::Router| -> anyhow::Result<()> {
+        if let Some(http) = &cfg.http {
+            let listen = riffle_runtime::http::listen_addr(http)?;
+            let addr = riffle_runtime::http::spawn(listen, router)
+                .with_context(|| format!("binding the HTTP API on {listen}"))?;
+            tracing::info!(%addr, "HTTP API listening");
+            eprintln!("riffle: HTTP API on http://{addr}");
+        }
+        Ok(())
+    };
+    if cfg.is_distributed() {
+        let workers = match o.workers {
+            Some(w) => w,
+            None => env_parse("RIFFLE_WORKERS")?.unwrap_or(cfg.parallelism as u32),
+        };
+        let index = match o.worker_index {
+            Some(i) => i,
+            None => env_parse("RIFFLE_WORKER_INDEX")?
+                .or_else(hostname_ordinal)
+                .unwrap_or(0),
+        };
+        let generation = match o.generation {
+            Some(g) => g,
+            None => env_parse("RIFFLE_GENERATION")?.unwrap_or(1),
+        };
+        let restore = match restore.as_deref() {
+            None | Some("latest") => RestoreArg::Latest,
+            Some("none") => RestoreArg::None,
+            Some(url) if url.starts_with("s3://") || url.starts_with("file://") => {
+                RestoreArg::Savepoint(url.to_string())
+            }
+            Some(other) => bail!(
+                "--restore {other:?}: a distributed job restores `latest`, `none` or a savepoint URL (s3://… or file://…)"
+            ),
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<WorkerControl>();
+        serve(riffle_runtime::http::router(
+            cfg.name.clone(),
+            metrics.clone(),
+            tx,
+        ))?;
+        let opts = WorkerOptions {
+            index,
+            workers,
+            generation,
+            restore,
+            state_dir: None,
+        };
+        eprintln!(
+            "riffle: worker {index} of {workers}, generation {generation}, job {}",
+            cfg.name
+        );
+        riffle_runtime::distributed::worker::run(cfg, opts, metrics, Some(rx))?;
+        return Ok(());
+    }
+    let restore: Restore = restore
+        .as_deref()
+        .unwrap_or("none")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    serve(riffle_runtime::http::router(
+        cfg.name.clone(),
+        metrics.clone(),
+        tx,
+    ))?;
     let mut engine = commands::open_engine(cfg, restore, metrics.clone())?;
     engine.set_control(rx);
     engine.run()?;
     let s = metrics.snapshot();
     eprintln!(
-        "riffle: finished: {} events, {} recommendations, {} late, {} dead-lettered, last checkpoint {}",
-        s.events_in, s.recommendations_out, s.late, s.dead_lettered, s.last_checkpoint_id
+        "riffle: {}: {} events, {} recommendations, {} late, {} dead-lettered, last checkpoint {}",
+        if s.stopped {
+            "stopped with a savepoint"
+        } else {
+            "finished"
+        },
+        s.events_in,
+        s.recommendations_out,
+        s.late,
+        s.dead_lettered,
+        s.last_checkpoint_id
     );
     Ok(())
 }
@@ -193,11 +341,7 @@ fn demo(events: u64, parallelism: usize, workdir: Option<PathBuf>) -> anyhow::Re
     let cfg = commands::demo_config(&dir, events, parallelism);
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = crossbeam_channel::unbounded();
-    let http = cfg
-        .http
-        .as_ref()
-        .map(|h| h.listen)
-        .expect("demo has an API");
+    let http = riffle_runtime::http::listen_addr(cfg.http.as_ref().expect("demo has an API"))?;
     let addr = riffle_runtime::http::spawn(
         http,
         riffle_runtime::http::router(cfg.name.clone(), metrics.clone(), tx),
@@ -208,7 +352,7 @@ fn demo(events: u64, parallelism: usize, workdir: Option<PathBuf>) -> anyhow::Re
         dir.display()
     );
     println!("  live API: http://{addr}/metrics  http://{addr}/status  (POST /savepoint)\n");
-    let out_dir = cfg.sink.dir.clone();
+    let out_dir = cfg.sink_dir()?.to_path_buf();
     let started = Instant::now();
     let progress = {
         let m = metrics.clone();
@@ -273,12 +417,17 @@ fn format_ts(ms: i64) -> String {
     )
 }
 
-fn savepoint(endpoint: &str) -> anyhow::Result<()> {
+fn savepoint(endpoint: &str, id: Option<String>, stop: bool) -> anyhow::Result<()> {
     let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
     let mut stream =
         std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(150)))?;
-    write!(stream, "POST /savepoint HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    stream.set_read_timeout(Some(Duration::from_secs(330)))?;
+    let body = serde_json::json!({ "id": id, "stop": stop }).to_string();
+    write!(
+        stream,
+        "POST /savepoint HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -32,6 +33,42 @@ pub struct Metrics {
     pub pane_entries: AtomicU64,
     pub ready: AtomicBool,
     pub finished: AtomicBool,
+    /// Busy share of the last rate window (recent, for autoscaling), as f64 bits.
+    pub busy_recent_bits: AtomicU64,
+    /// Distributed mode only.
+    pub worker: Mutex<Option<WorkerInfo>>,
+    pub commits_completed: AtomicU64,
+    pub commit_duration_ms: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub exchange_queued: AtomicU64,
+    pub stale_frames: AtomicU64,
+    pub upload_in_progress: AtomicBool,
+    pub stopped: AtomicBool,
+    pub partitions: Mutex<Vec<PartitionStatus>>,
+    pub last_savepoint: Mutex<Option<String>>,
+}
+
+/// Who this process is in a distributed job.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerInfo {
+    pub index: u32,
+    pub workers: u32,
+    pub generation: u32,
+    pub key_groups: (u32, u32),
+}
+
+/// Where a worker stands on one of its input or exchange partitions.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset to read (committed with the next transaction).
+    pub position: i64,
+    /// The partition's last stable offset, from the consumer's statistics (-1 unknown).
+    pub end: i64,
+    pub lag: i64,
 }
 
 impl Default for Metrics {
@@ -59,6 +96,17 @@ impl Default for Metrics {
             pane_entries: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             finished: AtomicBool::new(false),
+            busy_recent_bits: AtomicU64::new(0),
+            worker: Mutex::new(None),
+            commits_completed: AtomicU64::new(0),
+            commit_duration_ms: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            exchange_queued: AtomicU64::new(0),
+            stale_frames: AtomicU64::new(0),
+            upload_in_progress: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            partitions: Mutex::new(Vec::new()),
+            last_savepoint: Mutex::new(None),
         }
     }
 }
@@ -88,11 +136,29 @@ pub struct Snapshot {
     pub checkpoint_size_bytes: u64,
     pub users: u64,
     pub pane_entries: u64,
+    pub busy_ratio_recent: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerInfo>,
+    pub commits_completed: u64,
+    pub commit_duration_ms: u64,
+    pub forwarded: u64,
+    pub exchange_queued: u64,
+    pub stale_frames: u64,
+    pub upload_in_progress: bool,
+    pub stopped: bool,
+    /// Input and exchange partitions with their lag (distributed mode).
+    pub partitions: Vec<PartitionStatus>,
+    pub lag: i64,
+    pub last_savepoint: Option<String>,
 }
 
 impl Metrics {
     pub fn set_rate(&self, r: f64) {
         self.rate_bits.store(r.to_bits(), Relaxed);
+    }
+
+    pub fn set_busy_recent(&self, r: f64) {
+        self.busy_recent_bits.store(r.to_bits(), Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -101,6 +167,11 @@ impl Metrics {
         let finite = |v: i64| (v != WM_MIN && v != WM_MAX).then_some(v);
         let uptime = self.started.elapsed().as_secs_f64();
         let inc_in = self.increments_in.load(Relaxed);
+        let partitions = self
+            .partitions
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
         Snapshot {
             uptime_seconds: uptime,
             ready: self.ready.load(Relaxed),
@@ -131,6 +202,22 @@ impl Metrics {
             checkpoint_size_bytes: self.checkpoint_size_bytes.load(Relaxed),
             users: self.users.load(Relaxed),
             pane_entries: self.pane_entries.load(Relaxed),
+            busy_ratio_recent: f64::from_bits(self.busy_recent_bits.load(Relaxed)),
+            worker: self.worker.lock().map(|w| w.clone()).unwrap_or_default(),
+            commits_completed: self.commits_completed.load(Relaxed),
+            commit_duration_ms: self.commit_duration_ms.load(Relaxed),
+            forwarded: self.forwarded.load(Relaxed),
+            exchange_queued: self.exchange_queued.load(Relaxed),
+            stale_frames: self.stale_frames.load(Relaxed),
+            upload_in_progress: self.upload_in_progress.load(Relaxed),
+            stopped: self.stopped.load(Relaxed),
+            lag: partitions.iter().map(|p| p.lag.max(0)).sum(),
+            partitions,
+            last_savepoint: self
+                .last_savepoint
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -252,6 +339,73 @@ impl Metrics {
             "Live (pane, item) entries held.",
             s.pane_entries as f64,
         );
+        metric(
+            "busy_ratio_recent",
+            "gauge",
+            "Share of wall time spent processing over the last second or so.",
+            s.busy_ratio_recent,
+        );
+        if let Some(w) = &s.worker {
+            metric(
+                "worker_index",
+                "gauge",
+                "This worker's index.",
+                f64::from(w.index),
+            );
+            metric(
+                "workers",
+                "gauge",
+                "Workers of this worker's generation.",
+                f64::from(w.workers),
+            );
+            metric(
+                "generation",
+                "gauge",
+                "This worker's generation.",
+                f64::from(w.generation),
+            );
+            metric(
+                "commits_total",
+                "counter",
+                "Kafka transactions committed.",
+                s.commits_completed as f64,
+            );
+            metric(
+                "commit_duration_ms",
+                "gauge",
+                "Duration of the last transaction commit.",
+                s.commit_duration_ms as f64,
+            );
+            metric(
+                "forwarded_total",
+                "counter",
+                "Events forwarded to the worker owning their user.",
+                s.forwarded as f64,
+            );
+            metric(
+                "exchange_queued",
+                "gauge",
+                "Exchange entries waiting for the item watermark (alignment).",
+                s.exchange_queued as f64,
+            );
+            metric(
+                "lag_records",
+                "gauge",
+                "Records behind the end of the owned input and exchange partitions.",
+                s.lag as f64,
+            );
+            let _ = writeln!(
+                out,
+                "# HELP riffle_partition_lag_records Records behind the partition's last stable offset.\n# TYPE riffle_partition_lag_records gauge"
+            );
+            for p in &s.partitions {
+                let _ = writeln!(
+                    out,
+                    "riffle_partition_lag_records{{topic=\"{}\",partition=\"{}\"}} {}",
+                    p.topic, p.partition, p.lag
+                );
+            }
+        }
         out
     }
 }

@@ -121,11 +121,11 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
             SourceConfig::File(f) => f,
             _ => unreachable!(),
         },
-        Validation::at_now(cfg.dataflow.max_future_skew.0),
+        cfg.dataflow.max_future_skew.0,
     )
     .unwrap();
     let metrics = Arc::new(Metrics::default());
-    let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
+    let sink = FileSink::open(cfg.sink_dir().unwrap(), 1).unwrap();
     Engine::new(
         cfg.clone(),
         Box::new(src),
@@ -137,7 +137,7 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
     .run()
     .unwrap();
 
-    let dead: Vec<DeadLetter> = read_committed(&cfg.sink.dir, Stream::DeadLetter)
+    let dead: Vec<DeadLetter> = read_committed(cfg.sink_dir().unwrap(), Stream::DeadLetter)
         .unwrap()
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -155,7 +155,7 @@ fn every_kind_of_bad_record_is_dead_lettered_with_its_reason_and_nothing_else_is
     }
     assert_eq!(metrics.snapshot().dead_lettered, bad.len() as u64);
     assert_eq!(
-        read_committed(&cfg.sink.dir, Stream::Recommendations)
+        read_committed(cfg.sink_dir().unwrap(), Stream::Recommendations)
             .unwrap()
             .len(),
         valid

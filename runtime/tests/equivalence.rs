@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use reference::{RefEvent, RefItemStats, RefParams, RefType};
-use riffle_runtime::config::{
-    DataflowConfig, Duration, JobConfig, SinkConfig, SourceConfig, Weights,
-};
+use riffle_runtime::config::{DataflowConfig, Duration, JobConfig, SourceConfig, Weights};
 use riffle_runtime::dataflow::output::{ItemStats, LateEvent, Recommendation};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::event::{Event, EventType};
@@ -168,21 +166,13 @@ fn read_order(parts: &[Vec<Event>], max_batch: usize) -> Vec<RefEvent> {
 
 fn job(c: &Case, dir: &Path, parallelism: usize) -> JobConfig {
     JobConfig {
-        name: "prop".into(),
         parallelism,
         key_groups: 8,
-        source: SourceConfig::Generator(Default::default()),
-        sink: SinkConfig {
-            dir: dir.join("out"),
-            item_stats: true,
-        },
-        state_dir: dir.join("state"),
-        checkpoint_store: format!("file://{}", dir.join("ckpt").display()),
         checkpoint_interval: Duration::secs(3600),
         retained_checkpoints: 2,
         max_batch_size: c.max_batch,
-        http: None,
         dataflow: c.df.clone(),
+        ..JobConfig::local("prop", dir, SourceConfig::Generator(Default::default()))
     }
 }
 
@@ -193,7 +183,7 @@ fn engine(c: &Case, dir: &Path, parallelism: usize, restore: Restore) -> Engine 
             .map(|p| p.iter().cloned().map(Ok).collect())
             .collect(),
     );
-    let sink = FileSink::open(&dir.join("out"), 1).unwrap();
+    let sink = FileSink::open(&dir.join("output"), 1).unwrap();
     Engine::new(
         job(c, dir, parallelism),
         Box::new(source),
@@ -237,7 +227,7 @@ fn run_engine(c: &Case) -> Outputs {
     }
     engine(c, dir.path(), p, restore).run().unwrap();
 
-    let out = dir.path().join("out");
+    let out = dir.path().join("output");
     let mut stats: Vec<RefItemStats> = read_committed(&out, Stream::ItemStats)
         .unwrap()
         .iter()

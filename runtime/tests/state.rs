@@ -35,7 +35,7 @@ fn state_is_flat_on_a_long_replay_with_a_fixed_key_set() {
         ..JobConfig::local("flat", dir.path(), SourceConfig::Generator(gen.clone()))
     };
     cfg.sink.item_stats = false;
-    let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
+    let sink = FileSink::open(cfg.sink_dir().unwrap(), 1).unwrap();
     let metrics = Arc::new(Metrics::default());
     let mut e = Engine::new(
         cfg,
@@ -109,7 +109,7 @@ fn checkpoints_are_incremental_and_garbage_is_collected() {
         ..JobConfig::local("gc", dir.path(), SourceConfig::Generator(gen.clone()))
     };
     cfg.sink.item_stats = false;
-    let sink = FileSink::open(&cfg.sink.dir, 1).unwrap();
+    let sink = FileSink::open(cfg.sink_dir().unwrap(), 1).unwrap();
     let mut e = Engine::new(
         cfg,
         Box::new(Generator::new(gen)),

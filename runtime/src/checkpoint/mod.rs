@@ -1,5 +1,5 @@
 //! The checkpoint protocol. Pure types and decisions live here; object I/O goes through
-//! [`store::CheckpointStore`] at the edge.
+//! [`crate::store::ObjectStore`] at the edge.
 //!
 //! Layout in a store:
 //! - `shared/<run>-<file>.sst`: immutable RocksDB table files, uploaded once and shared by
@@ -7,8 +7,6 @@
 //! - `chk-<id>/`: the checkpoint's small RocksDB metadata files and `_manifest.json`, written
 //!   last: a checkpoint exists iff its manifest does (the commit point);
 //! - `savepoints/sp-<id>/`: self-contained copies (every file inside), never garbage-collected.
-
-pub mod store;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -83,6 +81,23 @@ pub fn plan_files(
     local: &[(String, u64)],
     known: &HashMap<String, String>,
 ) -> (Vec<ManifestFile>, Vec<ManifestFile>) {
+    plan_upload(
+        local,
+        known,
+        &format!("shared/{run_id}-"),
+        &checkpoint_dir(id),
+    )
+}
+
+/// Which local files to upload and the manifest's file list: table files (`*.sst`, immutable)
+/// not in `known` go to `<shared_prefix><name>` and are shared by later checkpoints; the
+/// small metadata files go to `<own_dir>/<name>`.
+pub fn plan_upload(
+    local: &[(String, u64)],
+    known: &HashMap<String, String>,
+    shared_prefix: &str,
+    own_dir: &str,
+) -> (Vec<ManifestFile>, Vec<ManifestFile>) {
     let mut uploads = Vec::new();
     let mut files = Vec::new();
     for (name, size) in local {
@@ -96,7 +111,7 @@ pub fn plan_files(
                 None => {
                     let f = ManifestFile {
                         name: name.clone(),
-                        key: format!("shared/{run_id}-{name}"),
+                        key: format!("{shared_prefix}{name}"),
                         size: *size,
                     };
                     uploads.push(f.clone());
@@ -106,7 +121,7 @@ pub fn plan_files(
         } else {
             let f = ManifestFile {
                 name: name.clone(),
-                key: format!("{}/{name}", checkpoint_dir(id)),
+                key: format!("{own_dir}/{name}"),
                 size: *size,
             };
             uploads.push(f.clone());

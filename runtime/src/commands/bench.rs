@@ -107,7 +107,7 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         ..JobConfig::local("bench", workdir, SourceConfig::Generator(gen.clone()))
     };
     let metrics = Arc::new(Metrics::default());
-    let sink = FileSink::open(&job.sink.dir, 1)?;
+    let sink = FileSink::open(job.sink_dir()?, 1)?;
     let mut engine = Engine::new(
         job,
         Box::new(Generator::new(gen)),

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use crate::config::{GeneratorConfig, HttpConfig, JobConfig, SourceConfig};
 use crate::engine::{Engine, Restore};
-use crate::event::Validation;
 use crate::metrics::Metrics;
 use crate::sink::file::FileSink;
 use crate::source::{file::FileSource, generator::Generator, Source};
@@ -17,18 +16,20 @@ use crate::Result;
 /// Build the job's source from its configuration.
 pub fn open_source(cfg: &JobConfig) -> Result<Box<dyn Source>> {
     Ok(match &cfg.source {
-        SourceConfig::File(f) => Box::new(FileSource::open(
-            f,
-            Validation::at_now(cfg.dataflow.max_future_skew.0),
-        )?),
+        SourceConfig::File(f) => Box::new(FileSource::open(f, cfg.dataflow.max_future_skew.0)?),
         SourceConfig::Generator(g) => Box::new(Generator::new(g.clone())),
+        SourceConfig::Kafka(_) => {
+            return Err(crate::Error::Config(
+                "a Kafka source runs as a distributed worker (`riffle run` starts one)".into(),
+            ))
+        }
     })
 }
 
 /// Build an engine for a configured job with a file sink.
 pub fn open_engine(cfg: JobConfig, restore: Restore, metrics: Arc<Metrics>) -> Result<Engine> {
     let source = open_source(&cfg)?;
-    let sink = FileSink::open(&cfg.sink.dir, 1)?;
+    let sink = FileSink::open(cfg.sink_dir()?, 1)?;
     Engine::new(cfg, source, Box::new(sink), restore, metrics)
 }
 
@@ -45,9 +46,9 @@ pub fn demo_config(workdir: &Path, events: u64, parallelism: usize) -> JobConfig
     JobConfig {
         parallelism,
         checkpoint_interval: crate::config::Duration::secs(2),
-        http: Some(HttpConfig {
-            listen: "127.0.0.1:0".parse().expect("valid address"),
-        }),
+        http: Some(HttpConfig::listen(
+            "127.0.0.1:0".parse().expect("valid address"),
+        )),
         ..JobConfig::local("demo", workdir, source)
     }
 }

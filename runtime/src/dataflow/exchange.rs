@@ -75,6 +75,19 @@ impl Routing {
     }
 }
 
+/// What the user stage sends to the item stage. The local engine's [`ExchangeWriter`] orders
+/// messages by read sequence within a batch; the distributed runtime's sender frames them into
+/// Kafka records per target key group (`crate::distributed::sender`).
+pub trait Exchange {
+    fn routing(&self) -> Routing;
+    /// Call before producing anything for the event with sequence `seq`.
+    fn begin_event(&mut self, seq: u64);
+    /// Add `weight` to `(item, other)` in `pane`, for the item's key group `kg`.
+    fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64);
+    /// Send a recommendation request, after everything pending for its key group.
+    fn request(&mut self, kg: u32, req: RecRequest);
+}
+
 type AggKey = (i64, Key, Key);
 
 /// The sending side of one worker for one batch: outboxes per target worker, sorted by key.
@@ -100,48 +113,6 @@ impl<'f> ExchangeWriter<'f> {
             increments_in: 0,
             increments_out: 0,
         }
-    }
-
-    pub fn routing(&self) -> Routing {
-        self.routing
-    }
-
-    /// Call before producing anything for the event with sequence `seq`.
-    pub fn begin_event(&mut self, seq: u64) {
-        let crossings = &self.frame.crossings;
-        let mut first_passed = None;
-        while self.next_crossing < crossings.len() && crossings[self.next_crossing].seq <= seq {
-            first_passed.get_or_insert(crossings[self.next_crossing].seq);
-            self.next_crossing += 1;
-        }
-        // Everything pending predates the first crossing passed (it would have been flushed
-        // at an earlier one otherwise), so it belongs right before that crossing.
-        if let Some(c) = first_passed {
-            self.flush_all((c, RANK_CROSSING));
-        }
-    }
-
-    /// Add `weight` to `(item, other)` in `pane`; `other == item` with the item's own
-    /// popularity is sent as a request instead.
-    pub fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
-        self.increments_in += 1;
-        *self
-            .pending
-            .entry(kg)
-            .or_default()
-            .entry((pane, item.clone(), other.clone()))
-            .or_insert(0) += weight;
-    }
-
-    /// Send a recommendation request, after everything pending for its key group.
-    pub fn request(&mut self, kg: u32, req: RecRequest) {
-        let seq = req.seq;
-        self.flush(kg, (seq, RANK_OWN));
-        let owner = self.routing.owner(kg);
-        self.outboxes[owner].push(Message {
-            key: (seq, RANK_REQUEST),
-            payload: Payload::Request(Box::new(req)),
-        });
     }
 
     fn flush(&mut self, kg: u32, key: MsgKey) {
@@ -191,6 +162,46 @@ impl<'f> ExchangeWriter<'f> {
             increments_in: self.increments_in,
             increments_out: self.increments_out,
         }
+    }
+}
+
+impl Exchange for ExchangeWriter<'_> {
+    fn routing(&self) -> Routing {
+        self.routing
+    }
+
+    fn begin_event(&mut self, seq: u64) {
+        let crossings = &self.frame.crossings;
+        let mut first_passed = None;
+        while self.next_crossing < crossings.len() && crossings[self.next_crossing].seq <= seq {
+            first_passed.get_or_insert(crossings[self.next_crossing].seq);
+            self.next_crossing += 1;
+        }
+        // Everything pending predates the first crossing passed (it would have been flushed
+        // at an earlier one otherwise), so it belongs right before that crossing.
+        if let Some(c) = first_passed {
+            self.flush_all((c, RANK_CROSSING));
+        }
+    }
+
+    fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
+        self.increments_in += 1;
+        *self
+            .pending
+            .entry(kg)
+            .or_default()
+            .entry((pane, item.clone(), other.clone()))
+            .or_insert(0) += weight;
+    }
+
+    fn request(&mut self, kg: u32, req: RecRequest) {
+        let seq = req.seq;
+        self.flush(kg, (seq, RANK_OWN));
+        let owner = self.routing.owner(kg);
+        self.outboxes[owner].push(Message {
+            key: (seq, RANK_REQUEST),
+            payload: Payload::Request(Box::new(req)),
+        });
     }
 }
 

@@ -64,6 +64,18 @@ pub struct ItemParams {
     pub trending_capacity: usize,
     /// Build ItemStats records (off for backtests that only need recommendations).
     pub emit_stats: bool,
+    /// Produce late-event records here. The distributed runtime writes them where lateness
+    /// is decided (the user stage, which knows the record's source position).
+    pub emit_late: bool,
+}
+
+/// Windows already emitted for some key groups by an earlier owner (after a rescale, a worker
+/// can own key groups whose previous owner had emitted further than the others).
+#[derive(Clone, Debug, Default)]
+pub struct EmittedThrough {
+    pub key_groups: u32,
+    /// key group → watermark up to which its windows were emitted.
+    pub through: FastMap<u32, i64>,
 }
 
 /// A recommendation whose trending fill waits for the global top of its window.
@@ -96,6 +108,7 @@ pub struct ItemStage {
     wm: i64,
     /// Panes below this index were deleted since the last snapshot.
     expired_below: Option<i64>,
+    emitted_through: EmittedThrough,
 }
 
 impl ItemStage {
@@ -107,7 +120,19 @@ impl ItemStage {
             win: FastMap::default(),
             wm: WM_MIN,
             expired_below: None,
+            emitted_through: EmittedThrough::default(),
         }
+    }
+
+    /// The watermark the stage has advanced to.
+    pub fn watermark(&self) -> i64 {
+        self.wm
+    }
+
+    /// After a restore: key groups whose windows were emitted further than `resume`'s
+    /// watermark; their items are left out of windows emitted up to there.
+    pub fn set_emitted_through(&mut self, e: EmittedThrough) {
+        self.emitted_through = e;
     }
 
     pub fn pane_entries(&self) -> usize {
@@ -126,7 +151,8 @@ impl ItemStage {
         })
     }
 
-    fn apply(&mut self, kg: u32, pane: i64, item: &Key, other: Option<&Key>, weight: u64) {
+    /// Add a co-visitation increment (`other = Some`) or popularity (`None`) to a pane.
+    pub fn apply(&mut self, kg: u32, pane: i64, item: &Key, other: Option<&Key>, weight: u64) {
         let in_win = self.in_win(pane);
         let entry = self
             .panes
@@ -194,11 +220,14 @@ impl ItemStage {
         out
     }
 
-    fn request(&mut self, req: RecRequest, kg: u32, out: &mut ItemOutput) {
+    /// Apply a request's popularity and recommend for its event.
+    pub fn request(&mut self, req: RecRequest, kg: u32, out: &mut ItemOutput) {
         let w = self.params.windowing;
         let ev = &req.event;
         let pane = w.pane(ev.ts);
-        if req.late {
+        if req.late && !self.params.emit_late {
+            // Recorded upstream; nothing to count.
+        } else if req.late {
             out.late.push(LateEvent {
                 event_id: ev.event_id.clone(),
                 user_id: ev.user_id.clone(),
@@ -231,8 +260,9 @@ impl ItemStage {
         let w = self.params.windowing;
         let end = (pane + 1).saturating_mul(w.slide);
         let summed;
-        let agg: &Agg = if self.next_end == Some(end) {
-            // The running window: all of its panes are live (it is not emitted yet).
+        let agg: &Agg = if self.next_end == Some(end) && !w.emitted(end, wm) {
+            // The running window: all of its panes are live (it is not emitted yet at the
+            // request's watermark; distributed receivers may trail the sender's watermark).
             match self.win.get(item) {
                 Some(a) => a,
                 None => return Vec::new(),
@@ -363,8 +393,24 @@ impl ItemStage {
         let p = self.params;
         let start = end - p.windowing.size;
         let mut any = false;
+        let skip = &self.emitted_through;
+        let already = |item: &Key| {
+            !skip.through.is_empty()
+                && skip
+                    .through
+                    .get(&crate::keygroup::key_group(
+                        item.as_bytes(),
+                        skip.key_groups,
+                    ))
+                    .is_some_and(|t| p.windowing.emitted(end, *t))
+        };
+        let mut top_src: Vec<(&Key, u64)> = Vec::new();
         for (item, agg) in self.win.iter().filter(|(_, a)| a.pop > 0) {
+            if already(item) {
+                continue;
+            }
             any = true;
+            top_src.push((item, agg.pop));
             if p.emit_stats {
                 let neighbors = top_n(agg.row.iter().map(|(k, w)| (k, *w)), p.neighbor_limit)
                     .into_iter()
@@ -384,13 +430,10 @@ impl ItemStage {
         }
         if any {
             out.windows_emitted += 1;
-            let top = top_n(
-                self.win.iter().map(|(k, a)| (k, a.pop)),
-                p.trending_capacity,
-            )
-            .into_iter()
-            .map(|(k, w)| (k.clone(), w))
-            .collect();
+            let top = top_n(top_src.into_iter(), p.trending_capacity)
+                .into_iter()
+                .map(|(k, w)| (k.clone(), w))
+                .collect();
             out.trending.push((end, top));
         }
     }

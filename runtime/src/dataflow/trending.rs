@@ -72,22 +72,30 @@ impl TrendingBoard {
         if items.len() >= k {
             return;
         }
-        let Some(list) = self.latest(wm, lateness) else {
-            return;
-        };
-        let listed: super::FastSet<Key> = items.iter().map(|s| s.item_id.clone()).collect();
-        for (item, _) in list {
-            if items.len() >= k {
-                break;
-            }
-            if listed.contains(item) || excluded.contains(item) {
-                continue;
-            }
-            items.push(Scored {
-                item_id: item.clone(),
-                score: 0.0,
-            });
+        if let Some(list) = self.latest(wm, lateness) {
+            fill_from(list, items, k, excluded);
         }
+    }
+}
+
+/// Append items of a trending list (in rank order) to `items` until it has `k`, with score 0,
+/// skipping items already listed and excluded ones.
+pub fn fill_from(list: &[(Key, u64)], items: &mut Vec<Scored>, k: usize, excluded: &[Key]) {
+    if items.len() >= k {
+        return;
+    }
+    let listed: super::FastSet<Key> = items.iter().map(|s| s.item_id.clone()).collect();
+    for (item, _) in list {
+        if items.len() >= k {
+            break;
+        }
+        if listed.contains(item) || excluded.contains(item) {
+            continue;
+        }
+        items.push(Scored {
+            item_id: item.clone(),
+            score: 0.0,
+        });
     }
 }
 

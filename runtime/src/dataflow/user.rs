@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::exchange::{ExchangeWriter, RecRequest};
+use super::exchange::{Exchange, RecRequest};
 use super::window::Windowing;
 use super::{FastMap, Key, Stamped};
 use crate::event::EventType;
@@ -59,7 +59,8 @@ impl UserStage {
     }
 
     /// Apply one event (in read order for this user) and send its increments and request.
-    pub fn process(&mut self, ev: &Stamped, user_kg: u32, x: &mut ExchangeWriter<'_>) {
+    /// Returns whether the event was late (it then contributes nothing, see the semantics).
+    pub fn process(&mut self, ev: &Stamped, user_kg: u32, x: &mut impl Exchange) -> bool {
         x.begin_event(ev.seq);
         let p = self.params;
         let win = p.windowing;
@@ -119,6 +120,25 @@ impl UserStage {
                 excluded,
             },
         );
+        late
+    }
+
+    /// Append an entry to a user's history without producing anything: recovery replays the
+    /// changelog of history appends through this.
+    pub fn replay_append(&mut self, user_kg: u32, user: &str, entry: HistEntry) {
+        let n = self.params.history_length;
+        let hist = self
+            .histories
+            .entry(Key::from(user))
+            .or_insert_with(|| History {
+                kg: user_kg,
+                ..History::default()
+            });
+        hist.entries.push_back(entry);
+        while hist.entries.len() > n {
+            hist.entries.pop_front();
+        }
+        hist.dirty = true;
     }
 
     /// Drop histories whose entries are all expired at watermark `wm`.

@@ -82,8 +82,13 @@ impl Sink for FileSink {
         }
         let epoch = self.epoch;
         if !self.open.contains_key(&stream) {
+            // Append, never truncate: a closed epoch's file must not lose what it holds.
             let path = pending_file(&self.dir, stream, epoch);
-            let f = File::create(&path).at(&path)?;
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .at(&path)?;
             self.open
                 .insert(stream, (epoch, BufWriter::with_capacity(1 << 20, f)));
         }
@@ -92,8 +97,12 @@ impl Sink for FileSink {
     }
 
     fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+        if let Some((_, (e, _))) = self.open.iter().find(|(_, (e, _))| *e != epoch) {
+            return Err(crate::Error::Checkpoint(format!(
+                "file sink: closing epoch {epoch} while epoch {e} is open"
+            )));
+        }
         for (stream, (e, w)) in self.open.drain() {
-            debug_assert_eq!(e, epoch);
             let path = pending_file(&self.dir, stream, e);
             let f = w.into_inner().map_err(|e| e.into_error()).at(&path)?;
             f.sync_data().at(&path)?;

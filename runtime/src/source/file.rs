@@ -19,13 +19,14 @@ struct Partition {
 
 pub struct FileSource {
     format: FileFormat,
-    validation: Validation,
+    /// Events later than the wall clock at reading + this are rejected.
+    max_future_skew: i64,
     parts: Vec<Partition>,
     line: Vec<u8>,
 }
 
 impl FileSource {
-    pub fn open(cfg: &FileSourceConfig, validation: Validation) -> Result<Self> {
+    pub fn open(cfg: &FileSourceConfig, max_future_skew: i64) -> Result<Self> {
         let mut parts = Vec::new();
         for path in &cfg.paths {
             let file = File::open(path).at(path)?;
@@ -43,7 +44,7 @@ impl FileSource {
         }
         Ok(Self {
             format: cfg.format,
-            validation,
+            max_future_skew,
             parts,
             line: Vec::new(),
         })
@@ -85,6 +86,8 @@ impl Source for FileSource {
     }
 
     fn poll_round(&mut self, per_partition: usize, out: &mut Vec<Polled>) -> Result<()> {
+        // Judged against the clock now, not when the source was opened.
+        let validation = Validation::at_now(self.max_future_skew);
         for (idx, p) in self.parts.iter_mut().enumerate() {
             for _ in 0..per_partition {
                 if p.finished {
@@ -98,10 +101,8 @@ impl Source for FileSource {
                 let line_no = p.pos.records;
                 let raw = trim_newline(&self.line);
                 let parsed = match self.format {
-                    FileFormat::Json => event::parse_json(raw, &self.validation),
-                    FileFormat::SessionTsv => {
-                        event::parse_session_tsv(raw, line_no, &self.validation)
-                    }
+                    FileFormat::Json => event::parse_json(raw, &validation),
+                    FileFormat::SessionTsv => event::parse_session_tsv(raw, line_no, &validation),
                 };
                 p.finished = at_eof(p)?;
                 out.push(Polled {

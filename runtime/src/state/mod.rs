@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{checkpoint::Checkpoint, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-use crate::checkpoint::{self, store::CheckpointStore, Manifest, ManifestFile};
+use crate::checkpoint::{self, Manifest, ManifestFile};
 use crate::error::IoContext;
+use crate::store::ObjectStore;
 use crate::Result;
 
 /// A named piece of operator state and the tag byte of its keys.
@@ -27,6 +28,14 @@ pub enum StateOp {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
     DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+/// A RocksDB checkpoint on local disk, ready to upload.
+#[derive(Clone, Debug)]
+pub struct LocalSnapshot {
+    pub dir: PathBuf,
+    /// (file name, size), sorted.
+    pub files: Vec<(String, u64)>,
 }
 
 /// What one checkpoint of the state cost.
@@ -72,29 +81,38 @@ impl StateManager {
     /// Download a checkpoint's files into `dir/db` and open it.
     pub fn restore(
         dir: &Path,
-        store: &dyn CheckpointStore,
+        store: &dyn ObjectStore,
         base: &str,
         manifest: &Manifest,
         same_store: bool,
     ) -> Result<Self> {
-        let db_dir = dir.join("db");
-        wipe(dir)?;
-        fs::create_dir_all(&db_dir).at(&db_dir)?;
-        for f in &manifest.files {
-            store.get_file(&join_key(base, &f.key), &db_dir.join(&f.name))?;
-        }
-        let db = DB::open(&db_options(), &db_dir)?;
         // Files of a savepoint or of another store are not in this store's shared area:
         // upload them afresh next time.
-        let known = if manifest.self_contained || !same_store {
-            HashMap::new()
-        } else {
-            manifest
-                .files
+        let reuse = !manifest.self_contained && same_store;
+        Self::restore_files(dir, store, base, &manifest.files, reuse)
+    }
+
+    /// Download snapshot files (keys relative to `base`) into `dir/db` and open it. With
+    /// `reuse`, the table files count as already uploaded to `store` for later checkpoints.
+    pub fn restore_files(
+        dir: &Path,
+        store: &dyn ObjectStore,
+        base: &str,
+        files: &[ManifestFile],
+        reuse: bool,
+    ) -> Result<Self> {
+        let db_dir = dir.join("db");
+        wipe(dir)?;
+        download(store, base, files, &db_dir)?;
+        let db = DB::open(&db_options(), &db_dir)?;
+        let known = if reuse {
+            files
                 .iter()
                 .filter(|f| f.name.ends_with(".sst"))
                 .map(|f| (f.name.clone(), f.key.clone()))
                 .collect()
+        } else {
+            HashMap::new()
         };
         Ok(Self {
             db,
@@ -102,6 +120,15 @@ impl StateManager {
             run_id: new_run_id(),
             known,
         })
+    }
+
+    /// The local working directory (snapshots are cut below it).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     pub fn apply(&self, ops: Vec<StateOp>) -> Result<()> {
@@ -113,11 +140,7 @@ impl StateManager {
                 StateOp::DeleteRange(from, to) => batch.delete_range(from, to),
             }
         }
-        // No WAL: state is only ever recovered from a checkpoint, never from a crashed db.
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.write(batch)
     }
 
     /// Visit every key/value (restore: route them to their owners).
@@ -139,44 +162,107 @@ impl StateManager {
         Ok(n)
     }
 
-    /// Cut a checkpoint of the current contents and upload what the store lacks.
-    pub fn checkpoint(&mut self, store: &dyn CheckpointStore, id: u64) -> Result<UploadStats> {
+    /// Cut a RocksDB checkpoint of the current contents into `dir/<name>` (hard links: cheap,
+    /// and it stays valid while the database moves on).
+    pub fn cut(&mut self, name: &str) -> Result<LocalSnapshot> {
         self.db.flush()?;
-        let snap_dir = self.dir.join(format!("snap-{id}"));
+        let snap_dir = self.dir.join(name);
         if snap_dir.exists() {
             fs::remove_dir_all(&snap_dir).at(&snap_dir)?;
         }
         Checkpoint::new(&self.db)?.create_checkpoint(&snap_dir)?;
-        let mut local = Vec::new();
+        let mut files = Vec::new();
         for entry in fs::read_dir(&snap_dir).at(&snap_dir)? {
             let entry = entry.at(&snap_dir)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let size = entry.metadata().at(entry.path())?.len();
-            local.push((name, size));
+            files.push((name, size));
         }
-        local.sort();
-        let (uploads, files) = checkpoint::plan_files(id, &self.run_id, &local, &self.known);
+        files.sort();
+        Ok(LocalSnapshot {
+            dir: snap_dir,
+            files,
+        })
+    }
+
+    /// Cut a checkpoint of the current contents and upload what the store lacks.
+    pub fn checkpoint(&mut self, store: &dyn ObjectStore, id: u64) -> Result<UploadStats> {
+        let snap = self.cut(&format!("snap-{id}"))?;
+        let (uploads, files) = checkpoint::plan_files(id, &self.run_id, &snap.files, &self.known);
         let mut stats = UploadStats {
             total_bytes: files.iter().map(|f| f.size).sum(),
             ..UploadStats::default()
         };
-        for f in &uploads {
-            store.put_file(&f.key, &snap_dir.join(&f.name))?;
-            stats.uploaded_files += 1;
-            stats.uploaded_bytes += f.size;
-            if f.name.ends_with(".sst") {
-                self.known.insert(f.name.clone(), f.key.clone());
+        let mut upload = || -> Result<()> {
+            for f in &uploads {
+                store.put_file(&f.key, &snap.dir.join(&f.name))?;
+                stats.uploaded_files += 1;
+                stats.uploaded_bytes += f.size;
+                if f.name.ends_with(".sst") {
+                    self.known.insert(f.name.clone(), f.key.clone());
+                }
             }
-        }
-        fs::remove_dir_all(&snap_dir).at(&snap_dir)?;
+            Ok(())
+        };
+        let uploaded = upload();
+        fs::remove_dir_all(&snap.dir).at(&snap.dir)?;
+        uploaded?;
         stats.files = files;
         Ok(stats)
+    }
+
+    /// Copy the keys of the key groups `keep` accepts from another database directory (a
+    /// downloaded snapshot part) into this one. Returns the number of keys copied.
+    pub fn ingest_from(&self, other: &Path, keep: impl Fn(u32) -> bool) -> Result<u64> {
+        let db = DB::open_for_read_only(&Options::default(), other, false)?;
+        let mut batch = WriteBatch::default();
+        let mut n = 0u64;
+        for item in db.iterator(IteratorMode::Start) {
+            let (k, v) = item?;
+            let (kg, _, _) = codec::split_key(&k)?;
+            if keep(kg) {
+                batch.put(&k, &v);
+                n += 1;
+                if batch.len() >= 10_000 {
+                    self.write(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+        self.write(batch)?;
+        Ok(n)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        // No WAL: state is only ever recovered from a snapshot, never from a crashed db.
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// The store keys of table files already uploaded (local name → key).
+    pub fn known_files(&self) -> &HashMap<String, String> {
+        &self.known
     }
 
     /// Forget store keys that garbage collection deleted.
     pub fn forget(&mut self, deleted: &[String]) {
         self.known.retain(|_, key| !deleted.contains(key));
     }
+}
+
+/// Download snapshot files (keys relative to `base`) into `dest`.
+pub fn download(
+    store: &dyn ObjectStore,
+    base: &str,
+    files: &[ManifestFile],
+    dest: &Path,
+) -> Result<()> {
+    fs::create_dir_all(dest).at(dest)?;
+    for f in files {
+        store.get_file(&join_key(base, &f.key), &dest.join(&f.name))?;
+    }
+    Ok(())
 }
 
 /// The local state directory is a cache of the last checkpoint: whatever a crashed process

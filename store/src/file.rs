@@ -1,39 +1,11 @@
-//! Checkpoint stores: a small object-store interface (keys are `/`-separated paths), so the
-//! S3 implementation of the distributed runtime slots in beside the file one.
+//! A local directory as an object store (`file:///path`): local mode, tests, and any shared
+//! filesystem a cluster mounts.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::error::IoContext;
-use crate::{Error, Result};
+use crate::{check_key, IoContext, ObjectStore, Result, StoreError};
 
-pub trait CheckpointStore: Send + Sync {
-    /// Upload a local file (atomically: readers see all of it or nothing).
-    fn put_file(&self, key: &str, local: &Path) -> Result<()>;
-    /// Write bytes atomically.
-    fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
-    fn get_file(&self, key: &str, local: &Path) -> Result<()>;
-    fn get_bytes(&self, key: &str) -> Result<Vec<u8>>;
-    /// Keys under a prefix, sorted.
-    fn list(&self, prefix: &str) -> Result<Vec<String>>;
-    /// Delete a key; deleting a missing key is not an error.
-    fn delete(&self, key: &str) -> Result<()>;
-    /// Where this store lives, for messages (e.g. `file:///var/ckpt`).
-    fn location(&self, key: &str) -> String;
-}
-
-/// Open a store from its URL. Only `file://` exists in local mode.
-pub fn open(url: &str) -> Result<Box<dyn CheckpointStore>> {
-    match url.strip_prefix("file://") {
-        Some(path) if path.starts_with('/') => Ok(Box::new(FileStore::new(path)?)),
-        Some(_) => Err(Error::Config(format!("checkpoint store {url:?}: file:// needs an absolute path"))),
-        None => Err(Error::Config(format!(
-            "checkpoint store {url:?}: only file:// is supported in local mode (s3:// comes with the distributed runtime)"
-        ))),
-    }
-}
-
-/// A directory as an object store.
 pub struct FileStore {
     root: PathBuf,
 }
@@ -46,19 +18,19 @@ impl FileStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        if key.split('/').any(|c| c == ".." || c.is_empty()) {
-            return Err(Error::Checkpoint(format!("invalid key {key:?}")));
-        }
+        check_key(key)?;
         Ok(self.root.join(key))
     }
 
+    /// Write through a temporary file, fsync, rename, fsync the directory.
     fn atomic_write(&self, key: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let dest = self.path(key)?;
         let dir = dest.parent().expect("keys are below the root");
         fs::create_dir_all(dir).at(dir)?;
         let tmp = dir.join(format!(
-            ".tmp-{}-{}",
+            ".tmp-{}-{:?}-{}",
             std::process::id(),
+            std::thread::current().id(),
             dest.file_name().and_then(|n| n.to_str()).unwrap_or("x")
         ));
         write(&tmp)?;
@@ -66,9 +38,22 @@ impl FileStore {
         fs::rename(&tmp, &dest).at(&dest)?;
         fs::File::open(dir).and_then(|f| f.sync_all()).at(dir)
     }
+
+    fn not_found(&self, key: &str, e: std::io::Error, path: &Path) -> StoreError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            StoreError::NotFound {
+                location: self.location(key),
+            }
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    }
 }
 
-impl CheckpointStore for FileStore {
+impl ObjectStore for FileStore {
     fn put_file(&self, key: &str, local: &Path) -> Result<()> {
         self.atomic_write(key, |tmp| fs::copy(local, tmp).map(|_| ()).at(local))
     }
@@ -79,12 +64,24 @@ impl CheckpointStore for FileStore {
 
     fn get_file(&self, key: &str, local: &Path) -> Result<()> {
         let src = self.path(key)?;
-        fs::copy(&src, local).map(|_| ()).at(&src)
+        fs::copy(&src, local)
+            .map(|_| ())
+            .map_err(|e| self.not_found(key, e, &src))
     }
 
     fn get_bytes(&self, key: &str) -> Result<Vec<u8>> {
         let src = self.path(key)?;
-        fs::read(&src).at(&src)
+        fs::read(&src).map_err(|e| self.not_found(key, e, &src))
+    }
+
+    fn copy(&self, from: &str, to: &str) -> Result<()> {
+        let src = self.path(from)?;
+        if !src.exists() {
+            return Err(StoreError::NotFound {
+                location: self.location(from),
+            });
+        }
+        self.put_file(to, &src)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
@@ -97,15 +94,21 @@ impl CheckpointStore for FileStore {
                 Err(e) => return Err(e).at(&dir),
             };
             for entry in rd {
-                let entry = entry.at(&dir)?;
+                let entry = match entry {
+                    Ok(e) => e,
+                    // A concurrent delete removed it between readdir and stat.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e).at(&dir),
+                };
                 let path = entry.path();
                 let rel = path
                     .strip_prefix(&self.root)
                     .expect("below root")
                     .to_string_lossy()
                     .replace('\\', "/");
-                if entry.file_type().at(&path)?.is_dir() {
-                    if prefix.starts_with(&rel) || rel.starts_with(prefix) {
+                let Ok(ft) = entry.file_type() else { continue };
+                if ft.is_dir() {
+                    if prefix.starts_with(&format!("{rel}/")) || rel.starts_with(prefix) {
                         stack.push(path);
                     }
                 } else if rel.starts_with(prefix)
@@ -126,17 +129,23 @@ impl CheckpointStore for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).at(&p),
         }
-        // Drop directories a delete left empty (checkpoint directories).
-        if let Some(dir) = p.parent() {
-            if dir != self.root {
-                let _ = fs::remove_dir(dir);
+        // Drop directories a delete left empty (checkpoint directories), up to the root.
+        let mut dir = p.parent();
+        while let Some(d) = dir {
+            if d == self.root || fs::remove_dir(d).is_err() {
+                break;
             }
+            dir = d.parent();
         }
         Ok(())
     }
 
     fn location(&self, key: &str) -> String {
-        format!("file://{}", self.root.join(key).display())
+        if key.is_empty() {
+            format!("file://{}", self.root.display())
+        } else {
+            format!("file://{}", self.root.join(key).display())
+        }
     }
 }
 
@@ -145,7 +154,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn put_get_list_delete() {
+    fn put_get_list_copy_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = FileStore::new(dir.path()).unwrap();
         s.put_bytes("chk-1/_manifest.json", b"{}").unwrap();
@@ -153,10 +162,17 @@ mod tests {
         assert_eq!(s.list("chk-").unwrap(), ["chk-1/_manifest.json"]);
         assert_eq!(s.list("").unwrap().len(), 2);
         assert_eq!(s.get_bytes("shared/a.sst").unwrap(), b"x");
+        s.copy("shared/a.sst", "sp/a.sst").unwrap();
+        assert_eq!(s.get_bytes("sp/a.sst").unwrap(), b"x");
         s.delete("chk-1/_manifest.json").unwrap();
         s.delete("chk-1/_manifest.json").unwrap();
         assert!(s.list("chk-").unwrap().is_empty());
+        assert!(
+            !dir.path().join("chk-1").exists(),
+            "empty directory removed"
+        );
         assert!(s.put_bytes("../escape", b"x").is_err());
-        assert!(open("s3://bucket/x").is_err());
+        assert!(s.get_bytes("nope").unwrap_err().is_not_found());
+        assert!(s.copy("nope", "x").unwrap_err().is_not_found());
     }
 }
