@@ -5,7 +5,7 @@ export RIFFLE_CACHE ?= $(HOME)/.cache/riffle
 export CARGO_TARGET_DIR ?= $(RIFFLE_CACHE)/target
 CARGO ?= cargo
 
-.PHONY: demo test bench lint fmt deps build
+.PHONY: demo test bench chaos lint fmt deps build
 
 deps:
 	@scripts/install-deps.sh
@@ -34,6 +34,22 @@ bench: deps
 	$(CARGO) bench --workspace --bench dataflow
 	$(CARGO) build --release --workspace --bin riffle
 	$(CARGO_TARGET_DIR)/release/riffle bench
+
+## The distributed runtime with Kafka in the loop on the test bed (release build): throughput,
+## end-to-end latency, checkpoint cost, recovery after a SIGKILL.
+.PHONY: bench-kafka
+bench-kafka: deps
+	$(CARGO) build --release --workspace --bin riffle
+	e2e/testbed/testbed up
+	eval "$$(e2e/testbed/testbed env)" && $(CARGO_TARGET_DIR)/release/riffle bench-kafka
+
+## The full-size chaos test of the distributed runtime (1 M events, 24 SIGKILLs) on the test
+## bed; `make test` runs a smaller one.
+chaos: deps
+	$(CARGO) test --workspace --no-run
+	e2e/testbed/testbed up
+	eval "$$(e2e/testbed/testbed env)" && RIFFLE_CHAOS_FULL=1 \
+	  $(CARGO) test --workspace --test distributed chaos -- --nocapture
 
 lint:
 	$(CARGO) fmt --all --check

@@ -94,6 +94,10 @@ enum Command {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
+    /// Benchmark the distributed runtime with Kafka in the loop: throughput at saturation,
+    /// end-to-end latency at a fixed rate, checkpoint and commit cost, recovery after a
+    /// SIGKILL. Needs the test bed: `eval "$(e2e/testbed/testbed env)"`.
+    BenchKafka(commands::kafka_bench::KafkaBenchOptions),
     /// Ask a running job for a savepoint (POST /savepoint). For a distributed job, any one
     /// worker's endpoint will do: the others join through the exchange, and the answer comes
     /// once the job-wide savepoint is complete.
@@ -186,6 +190,12 @@ fn main() -> anyhow::Result<()> {
                 "riffle bench: {events} events, {users} users, {items} items (Zipf), history 20, W 10m, S 1m, checkpoints every 10s, parallelism {parallelism}"
             );
             let report = bench::run(&opts, &dir)?;
+            println!("{report}");
+            Ok(())
+        }
+        Command::BenchKafka(opts) => {
+            let testbed = commands::kafka_bench::Testbed::from_env()?;
+            let report = commands::kafka_bench::run(&opts, &testbed)?;
             println!("{report}");
             Ok(())
         }

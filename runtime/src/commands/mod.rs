@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod kafka_bench;
 
 use std::path::Path;
 use std::sync::Arc;

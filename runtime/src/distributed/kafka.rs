@@ -157,6 +157,18 @@ pub fn consumer(cfg: &JobConfig, topics: &Topics, eof: bool) -> Result<JobConsum
         .map_err(|e| kafka_error("creating a consumer", e))
 }
 
+/// A consumer of the job's group that reads committed offsets without waiting for pending
+/// transactional offset commits (`read_uncommitted` makes librdkafka not ask for stable
+/// offsets): for decisions that must not block on other workers' open transactions.
+pub fn metadata_consumer(cfg: &JobConfig, topics: &Topics) -> Result<JobConsumer> {
+    let mut c = client_config(cfg)?;
+    c.set("group.id", &topics.group)
+        .set("isolation.level", "read_uncommitted")
+        .set("enable.auto.commit", "false");
+    c.create_with_context(StatsContext::default())
+        .map_err(|e| kafka_error("creating a metadata consumer", e))
+}
+
 /// Offsets of the changelog records a producer delivered, per partition (the snapshot's
 /// changelog positions), and the first delivery error of the open transaction.
 #[derive(Default)]

@@ -454,7 +454,6 @@ mod tests {
         table.markers.insert(
             1,
             Marker {
-                seq: 4,
                 user_wm: 100,
                 source_wm: 90,
                 source_idle: true,
@@ -495,7 +494,6 @@ mod tests {
             big.table.markers.insert(
                 s,
                 Marker {
-                    seq: 1,
                     user_wm: 1,
                     source_wm: 1,
                     source_idle: false,

@@ -58,7 +58,6 @@ impl PartitionTable {
         put_u32(v, self.markers.len() as u32);
         for (i, m) in &self.markers {
             put_u32(v, *i);
-            put_u64(v, m.seq);
             put_i64(v, m.user_wm);
             put_i64(v, m.source_wm);
             v.push(u8::from(m.source_idle));
@@ -75,7 +74,6 @@ impl PartitionTable {
             markers.insert(
                 i,
                 Marker {
-                    seq: r.u64()?,
                     user_wm: r.i64()?,
                     source_wm: r.i64()?,
                     source_idle: r.u8()? != 0,
@@ -237,10 +235,7 @@ impl Receiver {
         for entry in entries {
             match entry {
                 Entry::Marker(m) => {
-                    let cur = inbox.table.markers.entry(from.index).or_insert(m);
-                    if m.seq > cur.seq {
-                        *cur = m;
-                    }
+                    inbox.table.markers.insert(from.index, m);
                 }
                 Entry::Forward(f) => out.push(Delivery::Forward(kg, f)),
                 Entry::Barrier(b) => {
@@ -335,38 +330,33 @@ impl Receiver {
     }
 
     /// The other senders' source watermarks, as the user stage must see them: for each
-    /// sender, its oldest marker among the owned partitions (forwarded events still queued in
-    /// a lagging partition were read before it). Returns the minimum over the senders that
-    /// are not idle, and whether any sender is not idle. `me` is left out.
+    /// sender, the lowest among its latest markers in the owned partitions (a forwarded event
+    /// still in a lagging partition was read before that partition's marker). A sender counts
+    /// as idle only if every partition's latest marker says so. Returns the minimum over the
+    /// senders that are not idle, and whether any sender is not idle. `me` is left out.
     pub fn remote_source_watermark(&self, me: u32) -> (i64, bool) {
-        let mut oldest: BTreeMap<(u32, u32), Option<Marker>> = BTreeMap::new();
+        // (gen, sender) → lowest source watermark of a marker that is not idle, if any.
+        let mut senders: BTreeMap<(u32, u32), Option<i64>> = BTreeMap::new();
         for inbox in self.inboxes.values() {
             let t = &inbox.table;
             for s in (0..t.senders).filter(|s| *s != me) {
-                let seen = t.markers.get(&s).copied();
-                let slot = oldest.entry((t.gen, s)).or_insert(seen);
-                *slot = match (*slot, seen) {
-                    (Some(a), Some(b)) => Some(if b.seq < a.seq { b } else { a }),
-                    _ => None,
+                let active = match t.markers.get(&s) {
+                    None => Some(WM_MIN), // not heard of here yet: holds back
+                    Some(m) if m.source_idle => None,
+                    Some(m) => Some(m.source_wm),
+                };
+                let slot = senders.entry((t.gen, s)).or_insert(None);
+                *slot = match (*slot, active) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
                 };
             }
         }
-        let mut min = i64::MAX;
-        let mut any_active = false;
-        for m in oldest.values() {
-            match m {
-                None => {
-                    any_active = true;
-                    min = WM_MIN;
-                }
-                Some(m) if !m.source_idle => {
-                    any_active = true;
-                    min = min.min(m.source_wm);
-                }
-                Some(_) => {}
-            }
-        }
-        (min, any_active)
+        let active: Vec<i64> = senders.values().flatten().copied().collect();
+        (
+            active.iter().copied().min().unwrap_or(i64::MAX),
+            !active.is_empty(),
+        )
     }
 }
 
@@ -387,9 +377,8 @@ mod tests {
         }
     }
 
-    fn marker(seq: u64, wm: i64) -> Entry {
+    fn marker(wm: i64) -> Entry {
         Entry::Marker(Marker {
-            seq,
             user_wm: wm,
             source_wm: wm,
             source_idle: false,
@@ -441,22 +430,22 @@ mod tests {
         let mut r = receiver();
         let mut out = Vec::new();
         // Sender 0 is at epoch 3, sender 1 at epoch 1: the receiver is at epoch 1.
-        r.push(0, sender(0), vec![marker(1, 3 * S), req(1)], &mut out);
-        r.push(0, sender(1), vec![marker(1, S), req(2)], &mut out);
+        r.push(0, sender(0), vec![marker(3 * S), req(1)], &mut out);
+        r.push(0, sender(1), vec![marker(S), req(2)], &mut out);
         r.advance(&mut out);
         assert_eq!(names(&out), ["adv1", "req2"], "req1 (epoch 3) waits");
         out.clear();
         // Sender 1 moves to epoch 5: windows of epoch 3 are emitted before req1 applies;
         // req3 (epoch 5) waits for sender 0.
-        r.push(0, sender(1), vec![marker(2, 5 * S), req(3)], &mut out);
+        r.push(0, sender(1), vec![marker(5 * S), req(3)], &mut out);
         r.advance(&mut out);
         assert_eq!(names(&out), ["adv3", "req1"]);
         assert_eq!(r.watermark(), 3 * S, "min(3, 5)");
         assert_eq!(r.queued(), 1);
         out.clear();
         // Entries behind a queued one keep their sender's order; the receiver moves to 4.
-        r.push(0, sender(1), vec![marker(3, 9 * S), req(4)], &mut out);
-        r.push(0, sender(0), vec![marker(2, 4 * S), req(5)], &mut out);
+        r.push(0, sender(1), vec![marker(9 * S), req(4)], &mut out);
+        r.push(0, sender(0), vec![marker(4 * S), req(5)], &mut out);
         r.advance(&mut out);
         assert_eq!(names(&out), ["adv4", "req5"]);
         assert_eq!(
@@ -465,7 +454,7 @@ mod tests {
             "req3 (epoch 5) and req4 (epoch 9) wait for sender 0"
         );
         out.clear();
-        r.push(0, sender(0), vec![marker(3, 20 * S)], &mut out);
+        r.push(0, sender(0), vec![marker(20 * S)], &mut out);
         r.advance(&mut out);
         assert_eq!(names(&out), ["adv5", "req3", "adv9", "req4"]);
     }
@@ -474,8 +463,8 @@ mod tests {
     fn queues_survive_a_snapshot_and_a_new_generation_takes_over() {
         let mut r = receiver();
         let mut out = Vec::new();
-        r.push(0, sender(0), vec![marker(1, 3 * S), req(1)], &mut out);
-        r.push(0, sender(1), vec![marker(1, S)], &mut out);
+        r.push(0, sender(0), vec![marker(3 * S), req(1)], &mut out);
+        r.push(0, sender(1), vec![marker(S)], &mut out);
         r.advance(&mut out);
         let inbox = Inbox::decode(&r.inboxes()[&0].encode()).unwrap();
         assert_eq!(inbox.queued(), 1);
@@ -489,12 +478,12 @@ mod tests {
             index: 0,
             senders: 1,
         };
-        r.push(0, g2, vec![marker(1, 4 * S), req(7)], &mut out);
+        r.push(0, g2, vec![marker(4 * S), req(7)], &mut out);
         r.advance(&mut out);
         assert_eq!(names(&out), ["adv3", "req1", "adv4", "req7"]);
         // A stale frame of generation 1 is skipped.
         out.clear();
-        r.push(0, sender(1), vec![marker(9, WM_MAX), req(8)], &mut out);
+        r.push(0, sender(1), vec![marker(WM_MAX), req(8)], &mut out);
         assert!(out.is_empty());
         assert_eq!(r.stale_frames, 1);
     }
@@ -516,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn remote_source_watermark_takes_each_senders_oldest_marker() {
+    fn remote_source_watermark_takes_each_senders_lowest_marker() {
         let inboxes = [
             (0, Inbox::new(PartitionTable::new(1, 3), WM_MIN)),
             (1, Inbox::new(PartitionTable::new(1, 3), WM_MIN)),
@@ -535,12 +524,11 @@ mod tests {
             "unknown senders"
         );
         for kg in 0..2 {
-            r.push(kg, s(1), vec![marker(1, 100)], &mut out);
+            r.push(kg, s(1), vec![marker(100)], &mut out);
             r.push(
                 kg,
                 s(2),
                 vec![Entry::Marker(Marker {
-                    seq: 1,
                     user_wm: 0,
                     source_wm: 5,
                     source_idle: true,
@@ -548,13 +536,18 @@ mod tests {
                 &mut out,
             );
         }
-        r.push(0, s(1), vec![marker(2, 300)], &mut out);
+        r.push(0, s(1), vec![marker(300)], &mut out);
         assert_eq!(
             r.remote_source_watermark(0),
             (100, true),
             "partition 1 still has sender 1's older marker; sender 2 is idle"
         );
-        r.push(1, s(1), vec![marker(2, 300)], &mut out);
+        // A sender restarted from its committed state may send a lower source watermark
+        // (idle partitions became active again): the lower one counts.
+        r.push(0, s(1), vec![marker(90)], &mut out);
+        assert_eq!(r.remote_source_watermark(0).0, 90);
+        r.push(0, s(1), vec![marker(300)], &mut out);
+        r.push(1, s(1), vec![marker(300)], &mut out);
         assert_eq!(r.remote_source_watermark(0).0, 300);
     }
 }

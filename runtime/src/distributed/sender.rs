@@ -187,7 +187,6 @@ mod tests {
         s.request(0, req(1));
         s.add(0, 5, &a, &b, 7);
         s.marker(Marker {
-            seq: 1,
             user_wm: 10,
             source_wm: 10,
             source_idle: false,
@@ -210,7 +209,7 @@ mod tests {
                                 .join(",")
                         ),
                         Entry::Request(r) => format!("req{}", r.seq),
-                        Entry::Marker(m) => format!("marker{}", m.seq),
+                        Entry::Marker(m) => format!("marker{}", m.user_wm),
                         other => format!("{other:?}"),
                     })
                     .collect();
@@ -227,11 +226,11 @@ mod tests {
                         "inc6:a[(\"b\", 1)]".into(),
                         "req1".into(),
                         "inc5:a[(\"b\", 7)]".into(),
-                        "marker1".into()
+                        "marker10".into()
                     ]
                 ),
-                (1, vec!["inc5:b[(\"a\", 4)]".into(), "marker1".into()]),
-                (2, vec!["marker1".into()]),
+                (1, vec!["inc5:b[(\"a\", 4)]".into(), "marker10".into()]),
+                (2, vec!["marker10".into()]),
             ]
         );
         assert_eq!((s.increments_in, s.increments_out), (6, 5));

@@ -41,11 +41,10 @@ pub struct Origin {
 
 /// A sender's watermark promise: every later item-stage entry it sends was stamped with
 /// `W_e ≥ user_wm`, and every later event it forwards was read at a source watermark
-/// `≥ source_wm` (unless `source_idle`: all of its input partitions are idle).
+/// `≥ source_wm` (unless `source_idle`: all of its input partitions are idle). Within a
+/// partition the log order says which marker is the latest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Marker {
-    /// Per-sender sequence number, increasing across the sender's markers.
-    pub seq: u64,
     pub user_wm: i64,
     pub source_wm: i64,
     pub source_idle: bool,
@@ -145,7 +144,6 @@ pub fn encode_entry(v: &mut Vec<u8>, e: &Entry) {
         }
         Entry::Marker(m) => {
             v.push(TAG_MARKER);
-            put_u64(v, m.seq);
             put_i64(v, m.user_wm);
             put_i64(v, m.source_wm);
             v.push(u8::from(m.source_idle));
@@ -205,7 +203,6 @@ pub fn decode_entry(r: &mut Reader<'_>) -> Result<Entry, crate::Error> {
             },
         })),
         TAG_MARKER => Entry::Marker(Marker {
-            seq: r.u64()?,
             user_wm: r.i64()?,
             source_wm: r.i64()?,
             source_idle: r.u8()? != 0,
@@ -224,17 +221,44 @@ pub fn decode_entry(r: &mut Reader<'_>) -> Result<Entry, crate::Error> {
 }
 
 pub fn encode_frame(sender: Sender, entries: &[Entry]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64 + entries.len() * 64);
-    v.push(MAGIC);
-    v.push(VERSION);
-    put_u32(&mut v, sender.gen);
-    put_u32(&mut v, sender.index);
-    put_u32(&mut v, sender.senders);
-    put_u32(&mut v, entries.len() as u32);
+    encode_frames(sender, entries, usize::MAX)
+        .pop()
+        .expect("one frame")
+}
+
+/// Frames of at most about `max_bytes` each (Kafka refuses records over its
+/// `message.max.bytes`), in order: one entry never spans two frames.
+pub fn encode_frames(sender: Sender, entries: &[Entry], max_bytes: usize) -> Vec<Vec<u8>> {
+    let frame = |body: &[u8], count: u32| {
+        let mut v = Vec::with_capacity(18 + body.len());
+        v.push(MAGIC);
+        v.push(VERSION);
+        put_u32(&mut v, sender.gen);
+        put_u32(&mut v, sender.index);
+        put_u32(&mut v, sender.senders);
+        put_u32(&mut v, count);
+        v.extend_from_slice(body);
+        v
+    };
+    let mut frames = Vec::new();
+    let mut body = Vec::new();
+    let mut count = 0u32;
     for e in entries {
-        encode_entry(&mut v, e);
+        let before = body.len();
+        encode_entry(&mut body, e);
+        if body.len() > max_bytes && count > 0 {
+            // This entry starts the next frame.
+            let tail = body.split_off(before);
+            frames.push(frame(&body, count));
+            body = tail;
+            count = 0;
+        }
+        count += 1;
     }
-    v
+    if count > 0 || frames.is_empty() {
+        frames.push(frame(&body, count));
+    }
+    frames
 }
 
 pub fn decode_frame(bytes: &[u8]) -> Result<(Sender, Vec<Entry>), crate::Error> {
@@ -274,7 +298,6 @@ mod tests {
         };
         let entries = vec![
             Entry::Marker(Marker {
-                seq: 3,
                 user_wm: i64::MIN,
                 source_wm: 7,
                 source_idle: true,

@@ -46,6 +46,8 @@ use crate::{Error, Result};
 /// State tag of a key group's exchange inbox (marker table, floor, queued entries).
 const INBOXES: u8 = b'Q';
 const CHANGELOG_MAGIC: u8 = 0xC1;
+/// Exchange frames and changelog records stay well under Kafka's default 1 MB record limit.
+const MAX_RECORD_BYTES: usize = 512 * 1024;
 /// Trending contributions read back on start: enough for the windows a fill can use.
 const TRENDING_TAIL: i64 = 10_000;
 /// How long a savepoint may wait for the other workers' barriers.
@@ -127,6 +129,8 @@ pub struct Worker {
     routing: Routing,
     range: Range<u32>,
     consumer: JobConsumer,
+    /// Reads committed offsets without waiting for pending transactional ones.
+    metadata_consumer: JobConsumer,
     producer: TxnProducer,
     deliveries: Arc<Mutex<Deliveries>>,
     admin: Admin,
@@ -144,10 +148,15 @@ pub struct Worker {
     changelog_next: BTreeMap<u32, i64>,
     state_refs: BTreeMap<u32, StateRef>,
     user_wm: i64,
+    /// The other workers' source watermark and whether any of them is active.
+    remote: (i64, bool),
     last_marker: Option<Marker>,
     seq: u64,
-    state: StateManager,
-    uploader: Uploader,
+    state_dir: PathBuf,
+    /// Opened by the restore (fresh, from one part's files, or assembled from several).
+    state: Option<StateManager>,
+    /// Started once the state is open (its table-file names depend on the database).
+    uploader: Option<Uploader>,
     checkpoint_url_prefix: String,
     savepoint_store_url: String,
     part_seq: u64,
@@ -159,6 +168,8 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     control: Option<crossbeam_channel::Receiver<WorkerControl>>,
     savepoint: Option<SavepointRun>,
+    /// A savepoint another worker started, to join after this batch.
+    join: Option<(String, bool)>,
     paused: bool,
     dirty: bool,
     last_commit: Instant,
@@ -302,6 +313,23 @@ impl Worker {
             .map(|kg| (topics.exchange.clone(), kg as i32))
             .collect();
         wanted.extend(inputs.iter().map(|i| (i.name.clone(), i.partition)));
+        // First fence every transactional id that may hold a transaction open on these
+        // partitions: our own index (a zombie) and the indexes of a larger earlier generation
+        // that fold into ours. Their worker count is read without waiting for pending
+        // transactional offsets (those are what the fencing aborts).
+        let peek = kafka::committed(&kafka::metadata_consumer(&cfg, &topics)?, &wanted)?;
+        let earlier = range
+            .clone()
+            .filter_map(|kg| peek.get(&(topics.exchange.clone(), kg as i32)))
+            .filter_map(|(_, m)| ExchangeMeta::decode(m).ok())
+            .map(|m| m.workers)
+            .max()
+            .unwrap_or(0);
+        for id in protocol::ids_to_fence(index, workers, earlier) {
+            kafka::fence(&cfg, &topics, id)?;
+        }
+        let (producer, deliveries) = kafka::transactional_producer(&cfg, &topics, index)?;
+        // Now nothing is pending: the committed offsets are final.
         let committed = kafka::committed(&consumer, &wanted)?;
         let mut metas: BTreeMap<u32, ExchangeMeta> = BTreeMap::new();
         for kg in range.clone() {
@@ -343,14 +371,6 @@ impl Worker {
         }
         tracing::info!(mode = ?mode, "start plan");
 
-        // Fence transactional ids a larger earlier generation may have left open, then
-        // our own (the producer's init fences a zombie of this index).
-        let earlier = metas.values().map(|m| m.workers).max().unwrap_or(0);
-        for id in protocol::ids_to_fence(index, workers, earlier) {
-            kafka::fence(&cfg, &topics, id)?;
-        }
-        let (producer, deliveries) = kafka::transactional_producer(&cfg, &topics, index)?;
-
         let state_dir = opts
             .state_dir
             .clone()
@@ -385,16 +405,15 @@ impl Worker {
             .enumerate()
             .map(|(i, inp)| ((inp.topic, inp.partition), i))
             .collect();
-        let state = StateManager::create(&state_dir)?;
-        let uploader = Uploader::spawn(UploaderConfig {
+        let uploader_config = UploaderConfig {
             checkpoints,
             savepoints,
             savepoint_prefix_in_checkpoints,
             known: HashMap::new(),
-            run_id: state.run_id().to_string(),
+            run_id: String::new(),
             retained: cfg.retained_checkpoints,
             scratch: scratch.clone(),
-        })?;
+        };
         let mut w = Self {
             input_topics: src.topics.clone(),
             sink,
@@ -402,6 +421,7 @@ impl Worker {
             routing,
             range: range.clone(),
             consumer,
+            metadata_consumer: kafka::metadata_consumer(&cfg, &topics)?,
             producer,
             deliveries,
             admin,
@@ -419,10 +439,12 @@ impl Worker {
             changelog_next: BTreeMap::new(),
             state_refs: BTreeMap::new(),
             user_wm: WM_MIN,
+            remote: (WM_MIN, true),
             last_marker: None,
             seq: 0,
-            state,
-            uploader,
+            state_dir,
+            state: None,
+            uploader: None,
             checkpoint_url_prefix,
             savepoint_store_url,
             part_seq: 0,
@@ -433,6 +455,7 @@ impl Worker {
             metrics,
             control,
             savepoint: None,
+            join: None,
             paused: false,
             dirty: true,
             last_commit: Instant::now(),
@@ -450,7 +473,13 @@ impl Worker {
             source: e,
         })?;
         w.part_seq = now_ms() as u64; // unique and increasing across restarts of a worker
-        w.restore(mode, &committed, &metas, savepoint)?;
+        let known = w.restore(mode, &committed, &metas, savepoint)?;
+        let run_id = w.state().run_id().to_string();
+        w.uploader = Some(Uploader::spawn(UploaderConfig {
+            known,
+            run_id,
+            ..uploader_config
+        })?);
         w.read_trending()?;
         w.assign()?;
         kafka::retry("begin_transaction", || w.producer.begin_transaction())?;
@@ -460,6 +489,8 @@ impl Worker {
             generation: gen,
             key_groups: (w.range.start, w.range.end),
         });
+        // What was restored is committed: its watermark is the committed one.
+        w.metrics.watermark.store(w.receiver.watermark(), Relaxed);
         w.metrics.ready.store(true, Relaxed);
         tracing::info!(
             user_wm = w.user_wm,
@@ -479,7 +510,7 @@ impl Worker {
         committed: &HashMap<(String, i32), (i64, String)>,
         metas: &BTreeMap<u32, ExchangeMeta>,
         savepoint: Option<(String, SavepointManifest)>,
-    ) -> Result<()> {
+    ) -> Result<HashMap<String, String>> {
         let gen = self.opts.generation;
         let workers = self.opts.workers;
         let kgs: Vec<u32> = self.range.clone().collect();
@@ -506,11 +537,13 @@ impl Worker {
             }
         }
         let mut inboxes: BTreeMap<u32, Inbox> = BTreeMap::new();
+        let mut known = HashMap::new();
         let mut user_floor = WM_MIN;
         let mut item_wm = WM_MIN;
         let mut through = FastMap::default();
         match mode {
             StartMode::Fresh => {
+                self.state = Some(StateManager::create(&self.state_dir)?);
                 for kg in &kgs {
                     let (_, hi, xlo) = ends[kg];
                     inboxes.insert(*kg, Inbox::new(PartitionTable::new(gen, workers), WM_MIN));
@@ -537,7 +570,7 @@ impl Worker {
                         .or_default()
                         .push(*kg);
                 }
-                let mut loaded = self.load_parts(&by_part)?;
+                let mut loaded = self.load_parts(&by_part, &mut known)?;
                 for kg in &kgs {
                     let m = &metas[kg];
                     let mut inbox = loaded.remove(kg).unwrap_or_default();
@@ -600,7 +633,7 @@ impl Worker {
                         sp.id, self.range
                     )));
                 }
-                let mut loaded = self.load_parts(&by_part)?;
+                let mut loaded = self.load_parts(&by_part, &mut known)?;
                 for (url, m) in &manifests {
                     let mine: Vec<u32> = (m.kg_start..m.kg_end)
                         .filter(|kg| self.range.contains(kg))
@@ -688,25 +721,34 @@ impl Worker {
             }
         }
         self.user_wm = user_floor;
-        self.recompute_user_wm();
+        self.refresh_remote();
         self.metrics.users.store(self.user.users() as u64, Relaxed);
         self.metrics
             .pane_entries
             .store(self.item.pane_entries() as u64, Relaxed);
-        Ok(())
+        Ok(known)
+    }
+
+    fn state(&mut self) -> &mut StateManager {
+        self.state.as_mut().expect("the restore opens the state")
+    }
+
+    fn uploader(&self) -> &Uploader {
+        self.uploader.as_ref().expect("started after the restore")
     }
 
     /// Build local state from parts (URL → key groups to take from it; `None`: empty).
     fn load_parts(
         &mut self,
         by_part: &BTreeMap<Option<String>, Vec<u32>>,
+        known: &mut HashMap<String, String>,
     ) -> Result<BTreeMap<u32, Inbox>> {
-        let state_dir = self.state.dir().to_path_buf();
+        let state_dir = self.state_dir.clone();
+        self.state = None; // closes a database opened by an earlier attempt
         let parts: Vec<(&String, &Vec<u32>)> = by_part
             .iter()
             .filter_map(|(u, k)| u.as_ref().map(|u| (u, k)))
             .collect();
-        let mut known = HashMap::new();
         // One part holding exactly this worker's key groups: take its files as they are.
         let fast = match parts.as_slice() {
             [(url, kgs)] => {
@@ -718,7 +760,7 @@ impl Worker {
                     let reuse = !m.self_contained
                         && url.starts_with(&self.checkpoint_url_prefix)
                         && m.worker == self.opts.index;
-                    self.state = StateManager::restore_files(
+                    let state = StateManager::restore_files(
                         &state_dir,
                         loc.store.as_ref(),
                         &base,
@@ -726,8 +768,9 @@ impl Worker {
                         reuse,
                     )?;
                     if reuse {
-                        known = self.state.known_files().clone();
+                        *known = state.known_files().clone();
                     }
+                    self.state = Some(state);
                     true
                 } else {
                     false
@@ -736,7 +779,7 @@ impl Worker {
             _ => false,
         };
         if !fast {
-            self.state = StateManager::create(&state_dir)?;
+            self.state = Some(StateManager::create(&state_dir)?);
             for (url, kgs) in &parts {
                 let (loc, m, base): (Located, PartManifest, String) =
                     snapshot::read_part(url, self.cfg.s3.as_ref())?;
@@ -744,19 +787,17 @@ impl Worker {
                 let _ = std::fs::remove_dir_all(&tmp);
                 snapshot::download_part(&loc, &base, &m.files, &tmp)?;
                 let want: BTreeSet<u32> = kgs.iter().copied().collect();
-                let n = self.state.ingest_from(&tmp, |kg| want.contains(&kg))?;
+                let n = self.state().ingest_from(&tmp, |kg| want.contains(&kg))?;
                 tracing::info!(part = %url, keys = n, "loaded key groups from a part");
                 let _ = std::fs::remove_dir_all(&tmp);
             }
-        }
-        if !known.is_empty() {
-            self.uploader_known(known);
         }
         // Route the state to the stages.
         let mut inboxes = BTreeMap::new();
         let user = &mut self.user;
         let item = &mut self.item;
-        self.state.for_each(|key, value| {
+        let state = self.state.as_ref().expect("opened above");
+        state.for_each(|key, value| {
             let (kg, tag, rest) = codec::split_key(key)?;
             match tag {
                 t if t == HISTORIES.tag => user.restore(kg, rest, value),
@@ -769,37 +810,6 @@ impl Worker {
             }
         })?;
         Ok(inboxes)
-    }
-
-    fn uploader_known(&mut self, known: HashMap<String, String>) {
-        // The uploader was created before the restore; start a new one that knows which
-        // table files of the restored part are already in the store.
-        let checkpoints = match objstore::open(&self.cfg.checkpoint_store, self.cfg.s3.as_ref()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        let savepoints = match objstore::open(&self.savepoint_store_url, self.cfg.s3.as_ref()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        let prefix = self
-            .savepoint_store_url
-            .strip_prefix(&format!(
-                "{}/",
-                self.cfg.checkpoint_store.trim_end_matches('/')
-            ))
-            .map(str::to_string);
-        if let Ok(u) = Uploader::spawn(UploaderConfig {
-            checkpoints,
-            savepoints,
-            savepoint_prefix_in_checkpoints: prefix,
-            known,
-            run_id: self.state.run_id().to_string(),
-            retained: self.cfg.retained_checkpoints,
-            scratch: self.scratch.clone(),
-        }) {
-            self.uploader = u;
-        }
     }
 
     /// Replay history appends from the changelog (to its end) into the user stage.
@@ -1075,13 +1085,16 @@ impl Worker {
                     return Ok(());
                 }
             };
+            let has_marker = entries.iter().any(|e| matches!(e, Entry::Marker(_)));
             let mut ds = Vec::new();
             self.receiver.push(kg, from, entries, &mut ds);
             for d in ds {
                 self.deliver(d, false)?;
             }
-            // Markers may have moved other senders' source watermarks.
-            self.recompute_user_wm();
+            if has_marker {
+                // Other senders' source watermarks may have moved.
+                self.refresh_remote();
+            }
         } else if m.topic == self.topics.trending {
             self.trending_next = m.offset + 1;
             if let Some(c) = m
@@ -1091,7 +1104,9 @@ impl Worker {
             {
                 self.board.apply(c);
             }
-        } else {
+        } else if !self.paused {
+            // (While paused for a savepoint, input records fetched before the pause are left
+            // unread: the inputs are sought back to their positions on resume.)
             let Some(t) = self.input_topics.iter().position(|t| *t == m.topic) else {
                 return Ok(());
             };
@@ -1160,6 +1175,13 @@ impl Worker {
         self.seq += 1;
         let late = self.user.process(&stamped, kg, &mut self.sender);
         let e = &stamped.event;
+        if self
+            .changelog_buf
+            .get(&kg)
+            .is_some_and(|(_, b)| b.len() > MAX_RECORD_BYTES)
+        {
+            self.flush_changelog(kg)?;
+        }
         let (n, buf) = self
             .changelog_buf
             .entry(kg)
@@ -1239,8 +1261,9 @@ impl Worker {
             }
             Delivery::Barrier(_, _, b) => {
                 if !replay && b.phase == 1 && self.savepoint.is_none() && !self.paused {
-                    // Another worker started a savepoint: join it.
-                    self.start_savepoint(b.id, b.stop, false, None)?;
+                    // Another worker started a savepoint: join it between batches (a commit
+                    // must never fall inside a frame).
+                    self.join.get_or_insert((b.id, b.stop));
                 }
             }
         }
@@ -1309,6 +1332,9 @@ impl Worker {
             });
             c.windows.append(&mut out.trending);
         }
+        if !out.recs.is_empty() || !out.stats.is_empty() || self.contribution.is_some() {
+            self.dirty = true; // outputs wait in the open transaction for the next commit
+        }
         let m = &self.metrics;
         m.recommendations_out
             .fetch_add(out.recs.len() as u64, Relaxed);
@@ -1344,8 +1370,15 @@ impl Worker {
         self.tracker.partitions().iter().any(|p| !p.idle)
     }
 
+    /// Markers arrived: refresh the other workers' source watermarks (a scan of every owned
+    /// partition's table, so not per event).
+    fn refresh_remote(&mut self) {
+        self.remote = self.receiver.remote_source_watermark(self.opts.index);
+        self.recompute_user_wm();
+    }
+
     fn recompute_user_wm(&mut self) {
-        let (remote, remote_active) = self.receiver.remote_source_watermark(self.opts.index);
+        let (remote, remote_active) = self.remote;
         let local_active = self.local_active();
         let candidate = match (local_active, remote_active) {
             (true, true) => self.tracker.current().min(remote),
@@ -1359,7 +1392,6 @@ impl Worker {
 
     fn current_marker(&self) -> Marker {
         Marker {
-            seq: self.last_marker.map_or(1, |m| m.seq + 1),
             user_wm: self.user_wm,
             source_wm: self.tracker.current(),
             source_idle: !self.local_active(),
@@ -1422,24 +1454,17 @@ impl Worker {
         };
         let exchange = self.topics.exchange.clone();
         for (kg, entries) in self.sender.take_frames() {
-            let value = wire::encode_frame(sender, &entries);
-            self.produce(
-                BaseRecord::to(&exchange)
-                    .partition(kg as i32)
-                    .payload(value.as_slice()),
-            )?;
+            for value in wire::encode_frames(sender, &entries, MAX_RECORD_BYTES) {
+                self.produce(
+                    BaseRecord::to(&exchange)
+                        .partition(kg as i32)
+                        .payload(value.as_slice()),
+                )?;
+            }
         }
-        let changelog = self.topics.changelog.clone();
-        for (kg, (n, buf)) in std::mem::take(&mut self.changelog_buf) {
-            let mut value = Vec::with_capacity(buf.len() + 5);
-            value.push(CHANGELOG_MAGIC);
-            put_u32(&mut value, n);
-            value.extend_from_slice(&buf);
-            self.produce(
-                BaseRecord::to(&changelog)
-                    .partition(kg as i32)
-                    .payload(value.as_slice()),
-            )?;
+        let kgs: Vec<u32> = self.changelog_buf.keys().copied().collect();
+        for kg in kgs {
+            self.flush_changelog(kg)?;
         }
         if let Some(c) = self.contribution.take() {
             let value = serde_json::to_vec(&c)?;
@@ -1483,6 +1508,23 @@ impl Worker {
             self.collect_garbage()?;
         }
         Ok(())
+    }
+
+    /// Produce a key group's pending history appends as one changelog record.
+    fn flush_changelog(&mut self, kg: u32) -> Result<()> {
+        let Some((n, buf)) = self.changelog_buf.remove(&kg) else {
+            return Ok(());
+        };
+        let mut value = Vec::with_capacity(buf.len() + 5);
+        value.push(CHANGELOG_MAGIC);
+        put_u32(&mut value, n);
+        value.extend_from_slice(&buf);
+        let changelog = self.topics.changelog.clone();
+        self.produce(
+            BaseRecord::to(&changelog)
+                .partition(kg as i32)
+                .payload(value.as_slice()),
+        )
     }
 
     /// Run a transactional call, retrying what is retriable; an abortable failure aborts the
@@ -1560,7 +1602,7 @@ impl Worker {
 
     fn maybe_checkpoint(&mut self) -> Result<()> {
         if self.savepoint.is_none()
-            && !self.uploader.busy()
+            && !self.uploader().busy()
             && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval.as_std()
         {
             self.snapshot(None)?;
@@ -1580,9 +1622,10 @@ impl Worker {
                 inbox.encode(),
             ));
         }
-        self.state.apply(ops)?;
+        self.state().apply(ops)?;
         self.part_seq += 1;
-        let local = self.state.cut(&format!("part-{}", self.part_seq))?;
+        let name = format!("part-{}", self.part_seq);
+        let local = self.state().cut(&name)?;
         let groups = self
             .range
             .clone()
@@ -1629,7 +1672,7 @@ impl Worker {
             user_wm: self.user_wm,
             events_in: self.metrics.events_in.load(Relaxed),
         };
-        self.uploader.submit(UploadJob::Part {
+        self.uploader().submit(UploadJob::Part {
             local,
             manifest: Box::new(manifest),
             savepoint,
@@ -1644,7 +1687,7 @@ impl Worker {
     }
 
     fn serve_uploads(&mut self) -> Result<()> {
-        while let Ok(done) = self.uploader.done.try_recv() {
+        while let Ok(done) = self.uploader().done.try_recv() {
             match done {
                 UploadDone::Part {
                     url,
@@ -1694,7 +1737,9 @@ impl Worker {
         let all: Vec<(String, i32)> = (0..self.cfg.key_groups)
             .map(|kg| (self.topics.exchange.clone(), kg as i32))
             .collect();
-        let committed = kafka::committed(&self.consumer, &all)?;
+        // Without waiting for the other workers' open transactions: a part they are about to
+        // name is their newest, which collection keeps anyway.
+        let committed = kafka::committed(&self.metadata_consumer, &all)?;
         let mut referenced = BTreeSet::new();
         let mut max_workers = self.opts.workers;
         for (_, meta) in committed.values() {
@@ -1719,7 +1764,7 @@ impl Worker {
             // Worker 0 also collects for indexes an earlier, larger generation used.
             scope.extend(self.opts.workers..max_workers.max(self.opts.workers).saturating_add(64));
         }
-        self.uploader.submit(UploadJob::Gc {
+        self.uploader().submit(UploadJob::Gc {
             scope,
             current: (0..self.opts.workers).collect(),
             referenced,
@@ -1822,6 +1867,11 @@ impl Worker {
     }
 
     fn progress_savepoint(&mut self) -> Result<()> {
+        if let Some((id, stop)) = self.join.take() {
+            if self.savepoint.is_none() && !self.paused {
+                self.start_savepoint(id, stop, false, None)?;
+            }
+        }
         let gen = self.opts.generation;
         let Some(run) = &self.savepoint else {
             return Ok(());
@@ -1947,6 +1997,14 @@ impl Worker {
             self.consumer
                 .resume(&self.input_tpl())
                 .map_err(|e| kafka::kafka_error("resume", e))?;
+            let mut at = TopicPartitionList::new();
+            for inp in &self.inputs {
+                at.add_partition_offset(&inp.name, inp.partition, Offset::Offset(inp.next))
+                    .map_err(|e| kafka::kafka_error("seek", e))?;
+            }
+            self.consumer
+                .seek_partitions(at, CALL_TIMEOUT)
+                .map_err(|e| kafka::kafka_error("seek", e))?;
         }
         self.paused = false;
         // Idle timers restart: a pause is not silence.
@@ -1976,7 +2034,6 @@ impl Worker {
         m.exchange_queued
             .store(self.receiver.queued() as u64, Relaxed);
         m.stale_frames.store(self.receiver.stale_frames, Relaxed);
-        m.watermark.store(self.receiver.watermark(), Relaxed);
         let stats = self
             .consumer
             .context()

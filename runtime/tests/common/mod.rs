@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 use riffle_runtime::checkpoint::{self, Manifest};
 use riffle_runtime::sink::{file::read_committed, Stream};
 

@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub mod fast;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefType {
     View,

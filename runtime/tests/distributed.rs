@@ -1,0 +1,470 @@
+//! The distributed runtime on the test bed's real Kafka and MinIO (no mocks): worker processes
+//! SIGKILLed at random points, right after commits and in the middle of snapshot uploads; a
+//! MinIO outage and a broker restart; a rescale 3 → 5 → 2 through savepoints; poison records;
+//! an idle partition. A `read_committed` verifier checks exactly one recommendation per event,
+//! every poison record exactly once in the dead-letter topic, no transaction left open, and
+//! ItemStats equal to the independent reference (`tests/reference`).
+//!
+//! `make test` runs the chaos scenario at a smaller size; `make chaos` runs the full one
+//! (1 M events, 24 kills: `RIFFLE_CHAOS_FULL=1`).
+
+mod common;
+mod reference;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{serial, unique, verify_exactly_once, Bed, Job, JobSpec, Record};
+use reference::{RefEvent, RefItemStats, RefParams, RefType};
+use riffle_runtime::config::{DataflowConfig, Duration as Dur, GeneratorConfig};
+use riffle_runtime::event::{Event, EventType};
+use riffle_runtime::keygroup::key_group;
+use riffle_runtime::source::generator::{splitmix, Generator};
+
+/// The dataflow of these tests: short windows so a few minutes of event time emit many.
+const DATAFLOW: &str =
+    "{windowSize: 60s, windowSlide: 10s, historyLength: 10, idleTimeout: 3s, maxOutOfOrderness: 5s}";
+
+fn dataflow() -> DataflowConfig {
+    DataflowConfig {
+        window_size: Dur::secs(60),
+        window_slide: Dur::secs(10),
+        history_length: 10,
+        idle_timeout: Dur::secs(3),
+        max_out_of_orderness: Dur::secs(5),
+        ..DataflowConfig::default()
+    }
+}
+
+/// The input of a scenario, in send order.
+struct Input {
+    /// (partition, key, value) per record.
+    records: Vec<(i32, Vec<u8>, Vec<u8>)>,
+    /// Valid events, in send order (the reference's read order).
+    events: Vec<RefEvent>,
+    valid: HashSet<String>,
+    /// (partition, offset) of every malformed record.
+    poison: HashSet<(i32, i64)>,
+    /// The watermark every worker reaches once the input is read: the sentinels' time − D.
+    final_wm: i64,
+}
+
+const POISON: [&str; 4] = [
+    "not json at all",
+    "{\"eventId\":\"p\",\"userId\":\"u\"}",
+    "{\"eventId\":\"p\",\"userId\":\"u\",\"itemId\":\"i\",\"type\":\"like\",\"ts\":5}",
+    "{\"eventId\":\"p\",\"userId\":\"u\",\"itemId\":\"i\",\"type\":\"view\",\"ts\":-3}",
+];
+
+/// `events` generated clicks keyed by user over `partitions` (Kafka's default partitioner),
+/// a poison record after every `poison_every` records, then one sentinel event per partition
+/// an hour after the last event, so every window of the real events is emitted.
+fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
+    let gen_parts = 4u32;
+    let gen = Generator::new(GeneratorConfig {
+        users: 30_000,
+        items: 3_000,
+        events,
+        partitions: gen_parts,
+        events_per_second: 200,
+        max_disorder: Dur::secs(2),
+        ..GeneratorConfig::default()
+    });
+    let mut next_offset = vec![0i64; partitions as usize];
+    let mut out = Input {
+        records: Vec::new(),
+        events: Vec::new(),
+        valid: HashSet::new(),
+        poison: HashSet::new(),
+        final_wm: 0,
+    };
+    let push_event = |out: &mut Input, e: &Event, next_offset: &mut Vec<i64>| {
+        let p = key_group(e.user_id.as_bytes(), partitions as u32) as i32;
+        out.records.push((
+            p,
+            e.user_id.as_bytes().to_vec(),
+            serde_json::to_vec(e).unwrap(),
+        ));
+        next_offset[p as usize] += 1;
+        out.valid.insert(e.event_id.to_string());
+        out.events.push(RefEvent {
+            partition: p as u32,
+            event_id: e.event_id.to_string(),
+            user_id: e.user_id.to_string(),
+            item_id: e.item_id.to_string(),
+            kind: match e.kind {
+                EventType::View => RefType::View,
+                EventType::Click => RefType::Click,
+                EventType::Cart => RefType::Cart,
+                EventType::Purchase => RefType::Purchase,
+            },
+            ts: e.ts,
+        });
+    };
+    let mut max_ts = 0;
+    let mut n = 0u64;
+    for k in 0..events / u64::from(gen_parts) {
+        for gp in 0..gen_parts {
+            let e = gen.event(gp, k);
+            max_ts = max_ts.max(e.ts);
+            push_event(&mut out, &e, &mut next_offset);
+            n += 1;
+            if n.is_multiple_of(poison_every) {
+                let p = (n / poison_every) as i32 % partitions;
+                let bad = POISON[(n / poison_every) as usize % POISON.len()];
+                out.poison.insert((p, next_offset[p as usize]));
+                next_offset[p as usize] += 1;
+                out.records
+                    .push((p, b"poison".to_vec(), bad.as_bytes().to_vec()));
+            }
+        }
+    }
+    let sentinel_ts = max_ts + 3_600_000;
+    for p in 0..partitions {
+        let user = (0..)
+            .map(|j| format!("sentinel-{j}"))
+            .find(|u| key_group(u.as_bytes(), partitions as u32) as i32 == p)
+            .unwrap();
+        let e = Event {
+            event_id: format!("sentinel-{p}").into(),
+            user_id: user.into(),
+            item_id: "sentinel-item".into(),
+            kind: EventType::View,
+            ts: sentinel_ts,
+        };
+        push_event(&mut out, &e, &mut next_offset);
+    }
+    out.final_wm = sentinel_ts - dataflow().max_out_of_orderness.0;
+    out
+}
+
+fn ref_params(df: &DataflowConfig) -> RefParams {
+    RefParams {
+        weights: [
+            u64::from(df.weights.view),
+            u64::from(df.weights.click),
+            u64::from(df.weights.cart),
+            u64::from(df.weights.purchase),
+        ],
+        history_length: df.history_length,
+        session_gap_ms: df.session_gap.0,
+        window_size_ms: df.window_size.0,
+        window_slide_ms: df.window_slide.0,
+        max_out_of_orderness_ms: df.max_out_of_orderness.0,
+        allowed_lateness_ms: df.allowed_lateness.0,
+        neighbor_limit: df.neighbor_limit,
+        top_k: df.top_k,
+        exclude_purchased: df.exclude_purchased,
+    }
+}
+
+/// The job's ItemStats equal the reference's for every window emitted by the final watermark.
+fn assert_item_stats_match_reference(stats: &[Record], input: &Input, partitions: i32) {
+    let df = dataflow();
+    let expected: Vec<RefItemStats> =
+        reference::fast::item_stats(&ref_params(&df), partitions as u32, &input.events)
+            .into_iter()
+            .filter(|s| s.window_end + df.allowed_lateness.0 <= input.final_wm)
+            .collect();
+    let mut got: Vec<RefItemStats> = stats
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+            RefItemStats {
+                item_id: v["itemId"].as_str().unwrap().into(),
+                window_start: v["windowStart"].as_i64().unwrap(),
+                window_end: v["windowEnd"].as_i64().unwrap(),
+                popularity: v["popularity"].as_u64().unwrap(),
+                neighbors: v["neighbors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| {
+                        (
+                            n["itemId"].as_str().unwrap().to_string(),
+                            n["weight"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let key = |s: &RefItemStats| (s.window_end, s.item_id.clone());
+    let mut expected = expected;
+    expected.sort_by_key(key);
+    got.sort_by_key(key);
+    assert!(!expected.is_empty());
+    if got != expected {
+        let first = got
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(expected.len()));
+        panic!(
+            "ItemStats differ from the reference: {} records vs {} expected; first difference at \
+             {first}: got {:?}, expected {:?}",
+            got.len(),
+            expected.len(),
+            got.get(first),
+            expected.get(first)
+        );
+    }
+    eprintln!("ItemStats: {} records equal the reference", got.len());
+}
+
+/// Produce the input in the background at about `rate` records/s.
+fn produce_in_background(
+    bed: &Bed,
+    topic: &str,
+    records: Vec<(i32, Vec<u8>, Vec<u8>)>,
+    rate: u64,
+) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>) {
+    let sent = Arc::new(AtomicU64::new(0));
+    let (bed, topic, s) = (bed.clone(), topic.to_string(), sent.clone());
+    let h = std::thread::spawn(move || {
+        let start = Instant::now();
+        for chunk in records.chunks(1000) {
+            bed.produce(&topic, chunk.iter().cloned());
+            let done = s.fetch_add(chunk.len() as u64, Relaxed) + chunk.len() as u64;
+            // Pace the stream: a live input, not one backlog.
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    });
+    (h, sent)
+}
+
+/// Wait until the recommendations of every valid event are committed, restarting workers that
+/// exit, then wait for the final watermark.
+fn finish(job: &mut Job, input: &Input, timeout: Duration) {
+    job.wait_watermark(input.final_wm, timeout);
+}
+
+fn spec(key_groups: u32, input_partitions: i32) -> JobSpec {
+    JobSpec {
+        key_groups,
+        input_partitions,
+        checkpoint_interval: "1s",
+        commit_interval: "100ms",
+        dataflow: DATAFLOW,
+    }
+}
+
+#[test]
+fn chaos_sigkill_loses_and_duplicates_nothing() {
+    let _one_at_a_time = serial();
+    let bed = Bed::from_env();
+    let full = std::env::var_os("RIFFLE_CHAOS_FULL").is_some();
+    let (events, kills, rate) = if full {
+        (1_000_000, 24, 8_000)
+    } else {
+        (120_000, 8, 4_000)
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // 8 input partitions, 16 key groups: users are forwarded between workers too.
+    let mut job = Job::new(&bed, tmp.path(), "chaos", &spec(16, 8));
+    let input = input(8, events, 100);
+    job.start(1, 3, None);
+    let (producer, sent) = produce_in_background(&bed, &job.input, input.records.clone(), rate);
+    let total = input.records.len() as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("chaos: {events} events, {kills} kills, seed {seed}");
+    let (mut after_commit, mut mid_upload, mut random) = (0, 0, 0);
+    for k in 0..kills {
+        // Spread the kills over the stream.
+        let target = total * (k + 1) / (kills + 2);
+        while sent.load(Relaxed) < target {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = splitmix(seed ^ k);
+        let i = (r % 3) as usize;
+        let ready = common::wait_until(Duration::from_secs(120), || {
+            job.restart_exited();
+            job.metric(i, "commitsCompleted").is_some()
+        });
+        assert!(ready, "worker {i} not up\n{}", job.logs());
+        match (r >> 8) % 3 {
+            0 => {
+                // Right after a commit: as soon as the commit count moves.
+                let c0 = job.metric(i, "commitsCompleted").unwrap();
+                let moved = common::wait_until(Duration::from_secs(30), || {
+                    job.metric(i, "commitsCompleted").is_some_and(|c| c > c0)
+                });
+                assert!(moved, "no commit\n{}", job.logs());
+                after_commit += 1;
+            }
+            1 => {
+                // In the middle of a snapshot upload.
+                let uploading = common::wait_until(Duration::from_secs(30), || {
+                    job.status(i)
+                        .is_some_and(|s| s["uploadInProgress"].as_bool() == Some(true))
+                });
+                if uploading {
+                    mid_upload += 1;
+                } else {
+                    random += 1;
+                }
+            }
+            _ => {
+                // Anywhere: a random point in the next half second.
+                std::thread::sleep(Duration::from_millis((r >> 16) % 500));
+                random += 1;
+            }
+        }
+        job.kill_and_restart(i);
+    }
+    producer.join().unwrap();
+    eprintln!(
+        "chaos: killed {kills} times ({after_commit} right after a commit, {mid_upload} mid-upload, {random} at random points)"
+    );
+    assert!(
+        after_commit >= 1 && mid_upload >= 1,
+        "kill points not covered"
+    );
+    finish(&mut job, &input, Duration::from_secs(600));
+    let stats = verify_exactly_once(&job, &input.valid, &input.poison);
+    assert_item_stats_match_reference(&stats, &input, 8);
+}
+
+#[test]
+fn minio_outage_and_broker_restart_stall_then_finish_exactly_once() {
+    let _one_at_a_time = serial();
+    let bed = Bed::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut job = Job::new(&bed, tmp.path(), "outage", &spec(16, 8));
+    let input = input(8, 80_000, 100);
+    job.start(1, 3, None);
+    let total = input.records.len() as u64;
+    let (producer, sent) = produce_in_background(&bed, &job.input, input.records.clone(), 1_000);
+    while sent.load(Relaxed) < total / 4 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let checkpoints = |job: &Job| -> i64 {
+        (0..3)
+            .filter_map(|i| job.metric(i, "checkpointsCompleted"))
+            .sum()
+    };
+    bed.testbed("s3-stop");
+    let c0 = checkpoints(&job);
+    let commits0: i64 = (0..3)
+        .filter_map(|i| job.metric(i, "commitsCompleted"))
+        .sum();
+    // The outage lasts 30 s of wall time: that is the scenario, not a synchronisation.
+    std::thread::sleep(Duration::from_secs(30));
+    let commits1: i64 = (0..3)
+        .filter_map(|i| job.metric(i, "commitsCompleted"))
+        .sum();
+    let c1 = checkpoints(&job);
+    assert!(
+        commits1 > commits0,
+        "commits go on while S3 is down (snapshots are off the commit path)"
+    );
+    // An upload may have finished just as S3 went down, at most one per worker.
+    assert!(
+        c1 <= c0 + 3,
+        "no snapshot completes while S3 is down: {c0} → {c1}"
+    );
+    bed.testbed("s3-start");
+    let resumed = common::wait_until(Duration::from_secs(120), || checkpoints(&job) > c1);
+    assert!(resumed, "snapshots resume after the outage\n{}", job.logs());
+    while sent.load(Relaxed) < total * 2 / 3 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.testbed("kafka-stop");
+    bed.testbed("kafka-start");
+    producer.join().unwrap();
+    finish(&mut job, &input, Duration::from_secs(600));
+    eprintln!(
+        "outage: {} worker exits during the broker restart (restarted like a pod)",
+        job.restarts
+    );
+    let stats = verify_exactly_once(&job, &input.valid, &input.poison);
+    assert_item_stats_match_reference(&stats, &input, 8);
+}
+
+#[test]
+fn rescale_3_to_5_to_2_through_savepoints() {
+    let _one_at_a_time = serial();
+    let bed = Bed::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    // Input keyed like the key groups: the user stage runs where each record is read.
+    let mut job = Job::new(&bed, tmp.path(), "rescale", &spec(16, 16));
+    let input = input(16, 90_000, 100);
+    let total = input.records.len() as u64;
+    job.start(1, 3, None);
+    let (producer, sent) = produce_in_background(&bed, &job.input, input.records.clone(), 3_000);
+    let mut locations = Vec::new();
+    for (gen, next_workers, at) in [(2u32, 5u32, total / 3), (3, 2, total * 2 / 3)] {
+        while sent.load(Relaxed) < at {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let id = unique("sp");
+        // Any one worker takes the job-wide savepoint; stop: the job stays stopped after it.
+        let sp = job.savepoint((gen as usize) % job.workers.len(), &id, true);
+        let location = sp["location"].as_str().unwrap().to_string();
+        eprintln!("savepoint {id} at {location}: {sp}");
+        assert!(sp["stop"].as_bool().unwrap());
+        job.kill_all();
+        job.start(gen, next_workers, Some(&location));
+        locations.push(location);
+    }
+    producer.join().unwrap();
+    finish(&mut job, &input, Duration::from_secs(600));
+    let stats = verify_exactly_once(&job, &input.valid, &input.poison);
+    assert_item_stats_match_reference(&stats, &input, 16);
+}
+
+#[test]
+fn an_idle_partition_does_not_hold_windows_back() {
+    let _one_at_a_time = serial();
+    let bed = Bed::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut job = Job::new(&bed, tmp.path(), "idle", &spec(4, 2));
+    // Events only on partition 0: partition 1 stays silent.
+    let t0 = 1_767_225_600_000i64;
+    let records: Vec<(i32, Vec<u8>, Vec<u8>)> = (0..2_000)
+        .map(|k| {
+            let user = (0..)
+                .map(|j| format!("u{k}-{j}"))
+                .find(|u| key_group(u.as_bytes(), 2) == 0)
+                .unwrap();
+            let e = Event {
+                event_id: format!("e{k}").into(),
+                user_id: user.clone().into(),
+                item_id: format!("i{}", k % 17).into(),
+                kind: EventType::View,
+                ts: t0 + k * 100,
+            };
+            (0, user.into_bytes(), serde_json::to_vec(&e).unwrap())
+        })
+        .collect();
+    job.start(1, 1, None);
+    bed.produce(&job.input, records);
+    // 200 s of event time in 60 s / 10 s windows: many windows end before the last event.
+    let first_end = t0 + 60_000;
+    job.wait_watermark(first_end, Duration::from_secs(120));
+    let stats = bed.read_committed(&job.stats);
+    assert!(
+        !stats.is_empty(),
+        "windows are emitted although partition 1 never had data"
+    );
+    let input_partitions: Vec<String> = job.status(0).unwrap()["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == job.input.as_str())
+        .map(|p| p["partition"].to_string())
+        .collect();
+    assert_eq!(
+        input_partitions,
+        ["0", "1"],
+        "the worker owns both partitions"
+    );
+}
