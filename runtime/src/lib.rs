@@ -11,6 +11,7 @@ pub mod event;
 pub mod http;
 pub mod keygroup;
 pub mod metrics;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod state;

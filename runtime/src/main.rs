@@ -98,6 +98,26 @@ enum Command {
     /// end-to-end latency at a fixed rate, checkpoint and commit cost, recovery after a
     /// SIGKILL. Needs the test bed: `eval "$(e2e/testbed/testbed env)"`.
     BenchKafka(commands::kafka_bench::KafkaBenchOptions),
+    /// Write a generated clickstream (Zipf users and items) to a Kafka topic, keyed by userId
+    /// with Kafka's default partitioner; event times start now.
+    Produce {
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        #[arg(long, default_value_t = 50_000)]
+        users: u64,
+        #[arg(long, default_value_t = 5_000)]
+        items: u64,
+        /// Events per second (0: as fast as possible; event time advances at this rate).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Brokers (default: $KAFKA_BOOTSTRAP).
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
     /// Ask a running job for a savepoint (POST /savepoint). For a distributed job, any one
     /// worker's endpoint will do: the others join through the exchange, and the answer comes
     /// once the job-wide savepoint is complete.
@@ -200,6 +220,33 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Savepoint { endpoint, id, stop } => savepoint(&endpoint, id, stop),
+        Command::Produce {
+            topic,
+            events,
+            users,
+            items,
+            rate,
+            seed,
+            bootstrap,
+        } => {
+            let bootstrap = bootstrap
+                .or_else(|| std::env::var("KAFKA_BOOTSTRAP").ok())
+                .context("--bootstrap or $KAFKA_BOOTSTRAP")?;
+            let (sent, took) = commands::produce::run(&commands::produce::ProduceOptions {
+                bootstrap,
+                topic: topic.clone(),
+                events,
+                users,
+                items,
+                rate,
+                seed,
+            })?;
+            println!(
+                "produced {sent} events to {topic} in {:.1} s",
+                took.as_secs_f64()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -303,6 +350,7 @@ fn run(config: &std::path::Path, restore: Option<String>, o: RunOverrides) -> an
             generation,
             restore,
             state_dir: None,
+            stop: riffle_runtime::shutdown::on_termination()?,
         };
         eprintln!(
             "riffle: worker {index} of {workers}, generation {generation}, job {}",

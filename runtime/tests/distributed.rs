@@ -24,15 +24,21 @@ use riffle_runtime::keygroup::key_group;
 use riffle_runtime::source::generator::{splitmix, Generator};
 
 /// The dataflow of these tests: short windows so a few minutes of event time emit many.
+/// The idle timeout is longer than any stall the scenarios inject (a broker restart, a
+/// producer reconnecting): an idle partition lets the watermark pass data it delivers later,
+/// which the semantics allow and the reference (which has no idleness) does not model.
 const DATAFLOW: &str =
-    "{windowSize: 60s, windowSlide: 10s, historyLength: 10, idleTimeout: 3s, maxOutOfOrderness: 5s}";
+    "{windowSize: 60s, windowSlide: 10s, historyLength: 10, idleTimeout: 60s, maxOutOfOrderness: 5s}";
+/// The idle-partition scenario's: partition 1 must go idle quickly.
+const DATAFLOW_IDLE: &str =
+    "{windowSize: 60s, windowSlide: 10s, historyLength: 10, idleTimeout: 2s, maxOutOfOrderness: 5s}";
 
 fn dataflow() -> DataflowConfig {
     DataflowConfig {
         window_size: Dur::secs(60),
         window_slide: Dur::secs(10),
         history_length: 10,
-        idle_timeout: Dur::secs(3),
+        idle_timeout: Dur::secs(60),
         max_out_of_orderness: Dur::secs(5),
         ..DataflowConfig::default()
     }
@@ -45,18 +51,21 @@ struct Input {
     /// Valid events, in send order (the reference's read order).
     events: Vec<RefEvent>,
     valid: HashSet<String>,
-    /// (partition, offset) of every malformed record.
-    poison: HashSet<(i32, i64)>,
+    /// Every malformed record (each distinct).
+    poison: HashSet<String>,
     /// The watermark every worker reaches once the input is read: the sentinels' time − D.
     final_wm: i64,
 }
 
-const POISON: [&str; 4] = [
-    "not json at all",
-    "{\"eventId\":\"p\",\"userId\":\"u\"}",
-    "{\"eventId\":\"p\",\"userId\":\"u\",\"itemId\":\"i\",\"type\":\"like\",\"ts\":5}",
-    "{\"eventId\":\"p\",\"userId\":\"u\",\"itemId\":\"i\",\"type\":\"view\",\"ts\":-3}",
-];
+/// The `n`th malformed record: several kinds of bad input, each payload distinct.
+fn poison(n: u64) -> String {
+    match n % 4 {
+        0 => format!("not json at all #{n}"),
+        1 => format!(r#"{{"eventId":"p{n}","userId":"u"}}"#),
+        2 => format!(r#"{{"eventId":"p{n}","userId":"u","itemId":"i","type":"like","ts":5}}"#),
+        _ => format!(r#"{{"eventId":"p{n}","userId":"u","itemId":"i","type":"view","ts":-3}}"#),
+    }
+}
 
 /// `events` generated clicks keyed by user over `partitions` (Kafka's default partitioner),
 /// a poison record after every `poison_every` records, then one sentinel event per partition
@@ -72,7 +81,6 @@ fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
         max_disorder: Dur::secs(2),
         ..GeneratorConfig::default()
     });
-    let mut next_offset = vec![0i64; partitions as usize];
     let mut out = Input {
         records: Vec::new(),
         events: Vec::new(),
@@ -80,14 +88,13 @@ fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
         poison: HashSet::new(),
         final_wm: 0,
     };
-    let push_event = |out: &mut Input, e: &Event, next_offset: &mut Vec<i64>| {
+    let push_event = |out: &mut Input, e: &Event| {
         let p = key_group(e.user_id.as_bytes(), partitions as u32) as i32;
         out.records.push((
             p,
             e.user_id.as_bytes().to_vec(),
             serde_json::to_vec(e).unwrap(),
         ));
-        next_offset[p as usize] += 1;
         out.valid.insert(e.event_id.to_string());
         out.events.push(RefEvent {
             partition: p as u32,
@@ -109,15 +116,14 @@ fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
         for gp in 0..gen_parts {
             let e = gen.event(gp, k);
             max_ts = max_ts.max(e.ts);
-            push_event(&mut out, &e, &mut next_offset);
+            push_event(&mut out, &e);
             n += 1;
             if n.is_multiple_of(poison_every) {
                 let p = (n / poison_every) as i32 % partitions;
-                let bad = POISON[(n / poison_every) as usize % POISON.len()];
-                out.poison.insert((p, next_offset[p as usize]));
-                next_offset[p as usize] += 1;
+                let bad = poison(n / poison_every);
                 out.records
-                    .push((p, b"poison".to_vec(), bad.as_bytes().to_vec()));
+                    .push((p, b"poison".to_vec(), bad.clone().into_bytes()));
+                out.poison.insert(bad);
             }
         }
     }
@@ -134,7 +140,7 @@ fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
             kind: EventType::View,
             ts: sentinel_ts,
         };
-        push_event(&mut out, &e, &mut next_offset);
+        push_event(&mut out, &e);
     }
     out.final_wm = sentinel_ts - dataflow().max_out_of_orderness.0;
     out
@@ -197,18 +203,38 @@ fn assert_item_stats_match_reference(stats: &[Record], input: &Input, partitions
     got.sort_by_key(key);
     assert!(!expected.is_empty());
     if got != expected {
-        let first = got
+        // Which (window, item) records differ, and how much popularity each is off by.
+        let index = |v: &[RefItemStats]| -> std::collections::BTreeMap<(i64, String), u64> {
+            v.iter()
+                .map(|s| ((s.window_end, s.item_id.clone()), s.popularity))
+                .collect()
+        };
+        let (g, e) = (index(&got), index(&expected));
+        let mut diffs: Vec<String> = e
             .iter()
-            .zip(&expected)
-            .position(|(a, b)| a != b)
-            .unwrap_or(got.len().min(expected.len()));
+            .filter(|(k, p)| g.get(*k) != Some(*p))
+            .map(|((end, item), p)| {
+                format!("{end}/{item}: {:?} vs {p}", g.get(&(*end, item.clone())))
+            })
+            .collect();
+        diffs.extend(
+            g.keys()
+                .filter(|k| !e.contains_key(*k))
+                .map(|(end, item)| format!("{end}/{item}: unexpected")),
+        );
+        let neighbours = got.iter().zip(&expected).filter(|(a, b)| a != b).count();
         panic!(
-            "ItemStats differ from the reference: {} records vs {} expected; first difference at \
-             {first}: got {:?}, expected {:?}",
+            "ItemStats differ from the reference: {} records vs {} expected, {neighbours} \
+             differing at the same position; popularity differences ({}): {}",
             got.len(),
             expected.len(),
-            got.get(first),
-            expected.get(first)
+            diffs.len(),
+            diffs
+                .iter()
+                .take(40)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
         );
     }
     eprintln!("ItemStats: {} records equal the reference", got.len());
@@ -225,15 +251,14 @@ fn produce_in_background(
     let (bed, topic, s) = (bed.clone(), topic.to_string(), sent.clone());
     let h = std::thread::spawn(move || {
         let start = Instant::now();
-        for chunk in records.chunks(1000) {
-            bed.produce(&topic, chunk.iter().cloned());
-            let done = s.fetch_add(chunk.len() as u64, Relaxed) + chunk.len() as u64;
+        bed.produce_paced(&topic, &records, 1000, |done| {
+            s.store(done as u64, Relaxed);
             // Pace the stream: a live input, not one backlog.
             let due = Duration::from_secs_f64(done as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }
-        }
+        });
     });
     (h, sent)
 }
@@ -264,7 +289,7 @@ fn chaos_sigkill_loses_and_duplicates_nothing() {
     } else {
         (120_000, 8, 4_000)
     };
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::cluster::workdir();
     // 8 input partitions, 16 key groups: users are forwarded between workers too.
     let mut job = Job::new(&bed, tmp.path(), "chaos", &spec(16, 8));
     let input = input(8, events, 100);
@@ -337,7 +362,7 @@ fn chaos_sigkill_loses_and_duplicates_nothing() {
 fn minio_outage_and_broker_restart_stall_then_finish_exactly_once() {
     let _one_at_a_time = serial();
     let bed = Bed::from_env();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::cluster::workdir();
     let mut job = Job::new(&bed, tmp.path(), "outage", &spec(16, 8));
     let input = input(8, 80_000, 100);
     job.start(1, 3, None);
@@ -393,7 +418,7 @@ fn minio_outage_and_broker_restart_stall_then_finish_exactly_once() {
 fn rescale_3_to_5_to_2_through_savepoints() {
     let _one_at_a_time = serial();
     let bed = Bed::from_env();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::cluster::workdir();
     // Input keyed like the key groups: the user stage runs where each record is read.
     let mut job = Job::new(&bed, tmp.path(), "rescale", &spec(16, 16));
     let input = input(16, 90_000, 100);
@@ -425,8 +450,16 @@ fn rescale_3_to_5_to_2_through_savepoints() {
 fn an_idle_partition_does_not_hold_windows_back() {
     let _one_at_a_time = serial();
     let bed = Bed::from_env();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut job = Job::new(&bed, tmp.path(), "idle", &spec(4, 2));
+    let tmp = common::cluster::workdir();
+    let mut job = Job::new(
+        &bed,
+        tmp.path(),
+        "idle",
+        &JobSpec {
+            dataflow: DATAFLOW_IDLE,
+            ..spec(4, 2)
+        },
+    );
     // Events only on partition 0: partition 1 stays silent.
     let t0 = 1_767_225_600_000i64;
     let records: Vec<(i32, Vec<u8>, Vec<u8>)> = (0..2_000)
@@ -446,7 +479,7 @@ fn an_idle_partition_does_not_hold_windows_back() {
         })
         .collect();
     job.start(1, 1, None);
-    bed.produce(&job.input, records);
+    bed.produce(&job.input, &records);
     // 200 s of event time in 60 s / 10 s windows: many windows end before the last event.
     let first_end = t0 + 60_000;
     job.wait_watermark(first_end, Duration::from_secs(120));
@@ -467,4 +500,52 @@ fn an_idle_partition_does_not_hold_windows_back() {
         ["0", "1"],
         "the worker owns both partitions"
     );
+
+    // SIGTERM (what Kubernetes sends before deleting a pod): the worker commits what it has
+    // and exits cleanly, leaving no transaction open.
+    let pid = job.workers[0].child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let mut status = None;
+    let exited = common::wait_until(Duration::from_secs(60), || {
+        status = job.workers[0].child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(exited, "no exit after SIGTERM\n{}", job.logs());
+    assert!(status.unwrap().success(), "exit after SIGTERM: {status:?}");
+    for t in [&job.recs, &job.stats, &job.dlq] {
+        assert!(
+            bed.open_transactions(t).is_empty(),
+            "open transaction on {t}"
+        );
+    }
+}
+
+/// Debugging aid (not run by default): broker restarts only, several times.
+#[test]
+#[ignore]
+fn repeated_broker_restarts() {
+    let _one_at_a_time = serial();
+    let bed = Bed::from_env();
+    let tmp = common::cluster::workdir();
+    let mut job = Job::new(&bed, tmp.path(), "restarts", &spec(16, 8));
+    let input = input(8, 80_000, 100);
+    job.start(1, 3, None);
+    let total = input.records.len() as u64;
+    let (producer, sent) = produce_in_background(&bed, &job.input, input.records.clone(), 1_000);
+    for k in 1..=4 {
+        while sent.load(Relaxed) < total * k / 5 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bed.testbed("kafka-stop");
+        bed.testbed("kafka-start");
+    }
+    producer.join().unwrap();
+    finish(&mut job, &input, Duration::from_secs(600));
+    eprintln!("restarts: {} worker exits", job.restarts);
+    let stats = verify_exactly_once(&job, &input.valid, &input.poison);
+    assert_item_stats_match_reference(&stats, &input, 8);
 }

@@ -133,16 +133,17 @@ impl Testbed {
                 .filter(|v| !v.is_empty())
                 .with_context(|| format!("{name} is not set: {TESTBED_HINT}"))
         };
-        // The workers take their S3 credentials from the environment they inherit.
-        for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
-            var(name)?;
-        }
-        Ok(Self {
+        let testbed = Self {
             bootstrap: var("KAFKA_BOOTSTRAP")?,
             s3_endpoint: var("S3_ENDPOINT")?,
             bucket: var("S3_BUCKET")?,
             region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
-        })
+        };
+        // The workers take their S3 credentials from the environment they inherit.
+        for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            var(name)?;
+        }
+        Ok(testbed)
     }
 
     fn s3(&self) -> S3Config {
@@ -161,11 +162,14 @@ pub struct KafkaBenchReport {
     pub key_groups: u32,
     pub checkpoint_interval: config::Duration,
     pub commit_interval: config::Duration,
+    /// The input, in words.
+    pub input: String,
     pub workdir: PathBuf,
     pub throughput: Option<ThroughputResult>,
     pub latency: Option<LatencyResult>,
     pub recovery: Option<RecoveryResult>,
-    /// Anything that looks wrong in the runtime's behaviour (duplicates, losses, crashes).
+    /// Anything that looks wrong in the runtime's behaviour (duplicates, losses, dead letters,
+    /// forwarded events).
     pub anomalies: Vec<String>,
 }
 
@@ -218,12 +222,14 @@ pub struct RecoveryResult {
     /// SIGKILL → the send time from which every event's recommendation took under 1 s
     /// (`None`: not within the observed window).
     pub latency_recovered_seconds: Option<f64>,
-    /// SIGKILL → the last recommendation of the events sent while the worker was down
-    /// (between the kill and `/readyz`) became visible (`None`: some never arrived).
+    /// SIGKILL → the last recommendation of the events in flight at the kill or sent while
+    /// the worker was down (until `/readyz`) became visible (`None`: some never arrived).
     pub outage_drained_seconds: Option<f64>,
+    /// Over the affected events: in flight at the kill, or sent after it.
     pub max_latency_ms: f64,
-    pub events_after_kill: u64,
-    pub missing_after_kill: u64,
+    pub affected_events: u64,
+    /// Affected events that never got a recommendation.
+    pub affected_missing: u64,
     pub observed_seconds: f64,
 }
 
@@ -269,6 +275,7 @@ pub struct WorkerStatus {
 /// Run the benchmark phases the options select.
 pub fn run(opts: &KafkaBenchOptions, testbed: &Testbed) -> Result<KafkaBenchReport> {
     validate(opts)?;
+    watch_signals()?;
     let tag = format!("{}-{}", unix_ms() / 1000, std::process::id());
     let workdir = match &opts.workdir {
         Some(d) => d.clone(),
@@ -284,6 +291,15 @@ pub fn run(opts: &KafkaBenchOptions, testbed: &Testbed) -> Result<KafkaBenchRepo
         key_groups: opts.key_groups,
         checkpoint_interval: opts.checkpoint_interval,
         commit_interval: opts.commit_interval,
+        input: format!(
+            "generated Zipf clickstream, {} users, {} items, {} × {} events per event-time second, \
+             JSON into {} partitions keyed by userId",
+            opts.users,
+            opts.items,
+            opts.generator_partitions,
+            opts.event_time_rate,
+            opts.key_groups
+        ),
         workdir: workdir.clone(),
         throughput: None,
         latency: None,
@@ -333,6 +349,44 @@ fn validate(o: &KafkaBenchOptions) -> Result<()> {
     Ok(())
 }
 
+/// Set by SIGINT or SIGTERM: the wait loops stop with an error, and dropping the job kills
+/// the workers and deletes what it created (a plain kill would orphan the workers).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn watch_signals() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered before returning, so no signal slips through to the default action.
+    let (mut interrupt, mut terminate) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("bench-signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+            });
+            eprintln!("riffle bench-kafka: interrupted; stopping the workers and cleaning up");
+            INTERRUPTED.store(true, Relaxed);
+        })?;
+    Ok(())
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 /// What every phase needs.
 struct Ctx<'a> {
     opts: &'a KafkaBenchOptions,
@@ -357,7 +411,10 @@ fn throughput_phase(
     let producer = EventProducer::new(&ctx.testbed.bootstrap, &job.names.input, opts.key_groups)?;
     let mut stream = ClickStream::new(opts, unix_ms());
     let started = Instant::now();
-    for _ in 0..opts.events {
+    for n in 0..opts.events {
+        if n % 10_000 == 0 {
+            check_interrupted()?;
+        }
         producer.send(&stream.next_event())?;
     }
     producer.flush()?;
@@ -457,12 +514,12 @@ fn latency_phase(
     job.spawn_workers()?;
     job.wait_ready(Duration::from_secs(180))?;
 
-    let recovery = !opts.skip_recovery;
+    let kill_one = !opts.skip_recovery;
     eprintln!(
         "riffle bench-kafka: latency: producing {} events/s for {}{}",
         opts.rate,
         opts.duration,
-        if recovery {
+        if kill_one {
             format!(
                 ", then SIGKILL worker {} and keep producing for {}",
                 opts.kill_worker, opts.recovery_window
@@ -472,12 +529,30 @@ fn latency_phase(
         }
     );
     let producer = EventProducer::new(&ctx.testbed.bootstrap, &job.names.input, opts.key_groups)?;
-    let pacer = Pacer::start(producer, ClickStream::new(opts, unix_ms()), opts.rate)?;
+    let mut pacer = Pacer::start(producer, ClickStream::new(opts, unix_ms()), opts.rate)?;
     let start = pacer.started;
-    job.watch_until(start + opts.duration.as_std(), &pacer)?;
+    let measure_to = start + opts.duration.as_std();
+    job.watch_until(measure_to, &mut pacer)?;
 
     let mut kill = None;
-    if recovery {
+    if kill_one {
+        // Kill only once the measured events are all visible, so the kill cannot show up
+        // in the steady-state latency (events keep flowing meanwhile).
+        let measured = pacer.sent_before(measure_to);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut missing = job.collector().missing(&measured);
+        while missing > 0 && Instant::now() < deadline {
+            job.check()?;
+            pacer.check()?;
+            std::thread::sleep(Duration::from_millis(20));
+            missing = job.collector().missing(&measured);
+        }
+        if missing > 0 {
+            anomalies.push(format!(
+                "latency: {missing} measured events still without a recommendation 60 s after \
+                 the measurement ended (the kill went ahead)"
+            ));
+        }
         let w = opts.kill_worker as usize;
         let killed_at = Instant::now();
         job.workers[w].restart()?;
@@ -487,7 +562,7 @@ fn latency_phase(
             "riffle bench-kafka: recovery: worker {w} ready {:.2} s after SIGKILL",
             (ready_at - killed_at).as_secs_f64()
         );
-        job.watch_until(killed_at + opts.recovery_window.as_std(), &pacer)?;
+        job.watch_until(killed_at + opts.recovery_window.as_std(), &mut pacer)?;
         kill = Some((killed_at, ready_at));
     }
     let stopped = Instant::now();
@@ -502,7 +577,7 @@ fn latency_phase(
     }
     job.sample_status_now();
     let mut workers = job.summaries();
-    if recovery {
+    if kill_one {
         workers[opts.kill_worker as usize].restarted = true;
     }
     job.stop_workers();
@@ -515,13 +590,12 @@ fn latency_phase(
     note_arrival_anomalies("latency", &arrivals, expected as u64, anomalies);
     note_worker_anomalies("latency", &workers, anomalies);
     let measure_from = start + opts.warmup.as_std();
-    let measure_to = kill.map_or(stopped, |(k, _)| k);
     let latency = latency_result(
         opts,
         &sent,
         &arrivals,
         (measure_from, measure_to),
-        (start, measure_to),
+        (start, kill.map_or(stopped, |(k, _)| k)),
         workers,
         csv,
     )?;
@@ -575,7 +649,8 @@ fn latency_result(
     })
 }
 
-/// How the job came back after the kill, from the events sent after it.
+/// How the job came back after the kill, from the events it affected: those sent after it and
+/// those in flight (sent before, not visible yet) when it happened.
 fn recovery_result(
     worker: u32,
     sent: &[(String, Instant)],
@@ -587,14 +662,9 @@ fn recovery_result(
     const GOOD: Duration = Duration::from_secs(1);
     let after: Vec<(Instant, Option<Duration>)> = sent
         .iter()
-        .filter(|(_, at)| *at >= killed)
-        .map(|(id, at)| {
-            let latency = arrivals
-                .at
-                .get(id)
-                .map(|got| got.saturating_duration_since(*at));
-            (*at, latency)
-        })
+        .map(|(id, at)| (*at, arrivals.at.get(id).copied()))
+        .filter(|(at, got)| *at >= killed || got.is_none_or(|g| g > killed))
+        .map(|(at, got)| (at, got.map(|g| g.saturating_duration_since(at))))
         .collect();
     // Latency is back under 1 s from the event after the last slow (or lost) one.
     let last_bad = after
@@ -602,12 +672,14 @@ fn recovery_result(
         .rposition(|(_, lat)| lat.is_none_or(|l| l >= GOOD));
     let latency_recovered_seconds = match last_bad {
         None => Some(0.0),
-        Some(i) => after.get(i + 1).map(|(at, _)| (*at - killed).as_secs_f64()),
+        Some(i) => after
+            .get(i + 1)
+            .map(|(at, _)| at.saturating_duration_since(killed).as_secs_f64()),
     };
     let outage_drained_seconds = after
         .iter()
         .filter(|(at, _)| *at <= ready)
-        .map(|(at, lat)| lat.map(|l| (*at + l - killed).as_secs_f64()))
+        .map(|(at, lat)| lat.map(|l| (*at + l).saturating_duration_since(killed).as_secs_f64()))
         .try_fold(0.0f64, |acc, t| t.map(|t| acc.max(t)));
     RecoveryResult {
         worker,
@@ -619,8 +691,8 @@ fn recovery_result(
             .filter_map(|(_, l)| *l)
             .max()
             .map_or(0.0, |l| l.as_secs_f64() * 1000.0),
-        events_after_kill: after.len() as u64,
-        missing_after_kill: after.iter().filter(|(_, l)| l.is_none()).count() as u64,
+        affected_events: after.len() as u64,
+        affected_missing: after.iter().filter(|(_, l)| l.is_none()).count() as u64,
         observed_seconds: (stopped - killed).as_secs_f64(),
     }
 }
@@ -686,6 +758,13 @@ fn note_worker_anomalies(phase: &str, workers: &[WorkerSummary], out: &mut Vec<S
             out.push(format!(
                 "{phase}: worker {} dead-lettered {} generated events",
                 w.index, w.last.dead_lettered
+            ));
+        }
+        // Events are produced to their user's key group, which the reading worker owns.
+        if w.last.forwarded > 0 {
+            out.push(format!(
+                "{phase}: worker {} forwarded {} events (input partition ≠ the user's key group?)",
+                w.index, w.last.forwarded
             ));
         }
     }
@@ -847,8 +926,9 @@ impl BenchJob {
         }
     }
 
-    /// Fail if a worker exited; sample `/status` about once a second.
+    /// Fail if a worker exited; sample `/status` every `STATUS_PERIOD`.
     fn check(&mut self) -> Result<()> {
+        check_interrupted()?;
         for w in &mut self.workers {
             w.check_alive()?;
         }
@@ -919,6 +999,7 @@ impl BenchJob {
     fn wait_worker_ready(&mut self, i: usize, timeout: Duration) -> Result<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
+            check_interrupted()?;
             self.workers[i].check_alive()?;
             if matches!(http_get(self.workers[i].spec.http, "/readyz"), Ok((200, _))) {
                 return Ok(Instant::now());
@@ -935,12 +1016,10 @@ impl BenchJob {
     }
 
     /// Keep watching the workers and the producer until `until`.
-    fn watch_until(&mut self, until: Instant, pacer: &Pacer) -> Result<()> {
+    fn watch_until(&mut self, until: Instant, pacer: &mut Pacer) -> Result<()> {
         while Instant::now() < until {
             self.check()?;
-            if pacer.failed() {
-                bail!("the event producer stopped early");
-            }
+            pacer.check()?;
             let left = until.saturating_duration_since(Instant::now());
             std::thread::sleep(Duration::from_millis(50).min(left));
         }
@@ -1016,6 +1095,8 @@ fn job_config(ctx: &Ctx, names: &JobNames, dir: &Path) -> JobConfig {
             ..KafkaConfig::new(ctx.testbed.bootstrap.clone())
         }),
         s3: Some(ctx.testbed.s3()),
+        // Defaults for the rest: dataflow (W 10m, S 1m, history 20, top 20), batch size,
+        // retained checkpoints, no HTTP (each worker gets --http-listen).
         ..JobConfig::local(&names.job, dir, SourceConfig::Generator(Default::default()))
     }
 }
@@ -1082,6 +1163,8 @@ impl WorkerProcess {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        // The log is a file: no colour codes.
+        cmd.env("NO_COLOR", "1");
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", s.exe.display()))?;
@@ -1440,44 +1523,65 @@ type SendLog = Vec<(String, Instant)>;
 /// Produces at a fixed rate on its own thread, noting each event's send instant.
 struct Pacer {
     started: Instant,
+    sent: Arc<Mutex<SendLog>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<SendLog>>>,
+    thread: Option<JoinHandle<Result<()>>>,
 }
 
 impl Pacer {
     fn start(producer: EventProducer, mut stream: ClickStream, rate: u64) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(Mutex::new(SendLog::new()));
         let started = Instant::now();
         let thread = std::thread::Builder::new()
             .name("bench-producer".into())
             .spawn({
-                let stop = stop.clone();
+                let (stop, sent) = (stop.clone(), sent.clone());
                 move || {
-                    let mut sent = Vec::new();
+                    let mut n = 0;
                     while !stop.load(Relaxed) {
                         // Send everything due by now, then wait for the next tick.
                         let due = (started.elapsed().as_secs_f64() * rate as f64) as usize;
-                        while sent.len() < due {
+                        while n < due {
                             let event = stream.next_event();
                             let at = producer.send(&event)?;
-                            sent.push((event.event_id.to_string(), at));
+                            let mut log = sent.lock().expect("send log lock");
+                            log.push((event.event_id.to_string(), at));
+                            n += 1;
                         }
                         producer.check()?;
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    producer.flush()?;
-                    Ok(sent)
+                    producer.flush()
                 }
             })?;
         Ok(Self {
             started,
+            sent,
             stop,
             thread: Some(thread),
         })
     }
 
-    fn failed(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    /// Fail with the producer's error if it stopped on its own.
+    fn check(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            let thread = self.thread.take().expect("checked above");
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+            bail!("the event producer stopped early");
+        }
+        Ok(())
+    }
+
+    /// The ids of the events sent before `t`.
+    fn sent_before(&self, t: Instant) -> Vec<String> {
+        let log = self.sent.lock().expect("send log lock");
+        log.iter()
+            .take_while(|(_, at)| *at < t)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Stop producing; every event sent, in send order.
@@ -1486,7 +1590,10 @@ impl Pacer {
         let thread = self.thread.take().expect("running");
         thread
             .join()
-            .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?
+            .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+        Ok(std::mem::take(
+            &mut *self.sent.lock().expect("send log lock"),
+        ))
     }
 }
 
@@ -1554,6 +1661,12 @@ impl Collector {
         self.arrivals.lock().expect("arrivals lock").at.len()
     }
 
+    /// How many of these events have no recommendation yet.
+    fn missing(&self, ids: &[String]) -> usize {
+        let a = self.arrivals.lock().expect("arrivals lock");
+        ids.iter().filter(|id| !a.at.contains_key(*id)).count()
+    }
+
     fn stop(mut self) -> Result<Arrivals> {
         self.stop.store(true, Relaxed);
         if let Some(t) = self.thread.take() {
@@ -1619,6 +1732,7 @@ impl fmt::Display for KafkaBenchReport {
              checkpoints every {} to S3 (MinIO)",
             self.workers, self.key_groups, self.commit_interval, self.checkpoint_interval
         )?;
+        writeln!(f, "input: {}", self.input)?;
         if let Some(t) = &self.throughput {
             writeln!(f, "\n{t}")?;
         }
@@ -1667,8 +1781,10 @@ impl fmt::Display for ThroughputResult {
         )?;
         writeln!(
             f,
-            "  startup             {:.2} s from spawning the workers to the first recommendation",
-            self.startup_seconds
+            "  startup             {:.2} s from spawning the workers to the first recommendation \
+             ({:.0} events/s from spawn to last)",
+            self.startup_seconds,
+            self.recommendations as f64 / (self.startup_seconds + self.seconds)
         )?;
         write_workers(f, &self.workers)
     }
@@ -1724,13 +1840,13 @@ impl fmt::Display for RecoveryResult {
         )?;
         writeln!(
             f,
-            "  outage drained      {} (all events sent between kill and ready visible)",
+            "  outage drained      {} (events in flight at the kill or sent until ready: all visible)",
             secs(self.outage_drained_seconds)
         )?;
         write!(
             f,
-            "  after the kill      max latency {:.0} ms, {} events, {} without a recommendation",
-            self.max_latency_ms, self.events_after_kill, self.missing_after_kill
+            "  affected events     max latency {:.0} ms; {} events (in flight at the kill or sent after), {} without a recommendation",
+            self.max_latency_ms, self.affected_events, self.affected_missing
         )
     }
 }
@@ -1785,6 +1901,8 @@ mod tests {
         let kill = Instant::now();
         let s = |ms: u64| kill + Duration::from_millis(ms);
         let sent: SendLog = [
+            ("done", 0),
+            ("in-flight", 0),
             ("before", 0),
             ("a", 100),
             ("b", 600),
@@ -1794,9 +1912,19 @@ mod tests {
         .iter()
         .map(|(id, ms)| (id.to_string(), s(*ms)))
         .collect();
-        // "before" was sent at the kill itself; "a" and "b" waited for the restart (ready at
-        // 1.5 s), "c" and "d" are fast again.
+        // Sent 300 ms before the kill.
+        let sent: SendLog = sent
+            .into_iter()
+            .map(|(id, at)| match id.as_str() {
+                "done" | "in-flight" => (id, at - Duration::from_millis(300)),
+                _ => (id, at),
+            })
+            .collect();
+        // "done" was visible before the kill, "in-flight" not; "before" was sent at the kill
+        // itself; "a" and "b" waited for the restart (ready at 1.5 s), "c" and "d" are fast.
         let got = arrivals(&[
+            ("done", s(0) - Duration::from_millis(100)),
+            ("in-flight", s(2_600)),
             ("before", s(2_500)),
             ("a", s(2_500)),
             ("b", s(2_400)),
@@ -1806,16 +1934,21 @@ mod tests {
         let r = recovery_result(1, &sent, &got, kill, s(1_500), s(4_000));
         assert_eq!(r.ready_seconds, 1.5);
         assert_eq!(r.latency_recovered_seconds, Some(2.0));
-        assert_eq!(r.outage_drained_seconds, Some(2.5));
-        assert_eq!(r.max_latency_ms, 2_500.0);
-        assert_eq!((r.events_after_kill, r.missing_after_kill), (5, 0));
+        assert_eq!(r.outage_drained_seconds, Some(2.6));
+        assert_eq!(r.max_latency_ms, 2_900.0);
+        assert_eq!((r.affected_events, r.affected_missing), (6, 0));
 
         // A lost event keeps latency "not recovered" and the outage "not drained".
-        let lost = arrivals(&[("before", s(2_500)), ("c", s(2_300)), ("d", s(3_200))]);
+        let lost = arrivals(&[
+            ("done", s(0) - Duration::from_millis(100)),
+            ("before", s(2_500)),
+            ("c", s(2_300)),
+            ("d", s(3_200)),
+        ]);
         let r = recovery_result(1, &sent, &lost, kill, s(1_500), s(4_000));
         assert_eq!(r.latency_recovered_seconds, Some(2.0));
         assert_eq!(r.outage_drained_seconds, None);
-        assert_eq!(r.missing_after_kill, 2);
+        assert_eq!(r.affected_missing, 3);
         let slow_tail = arrivals(&[("before", s(100)), ("d", s(5_000))]);
         let r = recovery_result(1, &sent, &slow_tail, kill, s(1_500), s(6_000));
         assert_eq!(r.latency_recovered_seconds, None);

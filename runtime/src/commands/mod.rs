@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod eval;
 pub mod kafka_bench;
+pub mod produce;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -102,11 +102,15 @@ pub fn client_config(cfg: &JobConfig) -> Result<ClientConfig> {
     Ok(c)
 }
 
-/// Per-partition offsets the consumer's statistics report (for lag metrics).
-#[derive(Clone, Copy, Debug, Default)]
+/// What the consumer's statistics last said of a partition.
+#[derive(Clone, Copy, Debug)]
 pub struct PartitionStats {
     pub hi_offset: i64,
     pub ls_offset: i64,
+    /// Being fetched from a leader the client is connected to: silence means no data, not
+    /// an outage.
+    pub readable: bool,
+    pub at: Instant,
 }
 
 /// Consumer context that keeps the latest statistics per (topic, partition).
@@ -116,7 +120,20 @@ pub struct StatsContext {
 }
 
 impl ClientContext for StatsContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // The end of a partition is how a replay knows it is done, not an error.
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "librdkafka");
+        }
+    }
+
     fn stats(&self, s: Statistics) {
+        let at = Instant::now();
+        let up: HashMap<i32, bool> = s
+            .brokers
+            .values()
+            .map(|b| (b.nodeid, b.state == "UP"))
+            .collect();
         let mut map = self.partitions.lock().expect("stats lock");
         for (topic, t) in s.topics {
             for (p, ps) in t.partitions {
@@ -128,6 +145,9 @@ impl ClientContext for StatsContext {
                     PartitionStats {
                         hi_offset: ps.hi_offset,
                         ls_offset: ps.ls_offset,
+                        readable: ps.fetch_state == "active"
+                            && up.get(&ps.leader).copied().unwrap_or(false),
+                        at,
                     },
                 );
             }

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::wire::{decode_entry, encode_entry, Barrier, Entry, Forwarded, Marker, Sender};
 use crate::dataflow::window::{Windowing, WM_MIN};
-use crate::state::codec::{put_i64, put_u32, put_u64, Reader};
+use crate::state::codec::{put_i64, put_u32, Reader};
 use crate::Result;
 
 /// The latest marker of every sender of a generation, as seen in one partition.

@@ -88,33 +88,74 @@ impl Bed {
         }
     }
 
-    /// Produce records in order (per partition, the order given), waiting for every ack.
-    pub fn produce(&self, topic: &str, records: impl IntoIterator<Item = (i32, Vec<u8>, Vec<u8>)>) {
-        let p: BaseProducer = self
-            .client()
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "20")
-            .set("compression.type", "lz4")
-            .create()
-            .unwrap();
-        for (partition, key, value) in records {
-            let mut rec = BaseRecord::to(topic)
-                .partition(partition)
-                .key(&key)
-                .payload(&value);
+    /// Produce records in order (per partition, the order given), in transactions: a chunk
+    /// that fails (a broker restart) is aborted and sent again, so every record is in the
+    /// topic exactly once, in order, for read_committed readers.
+    pub fn produce(&self, topic: &str, records: &[(i32, Vec<u8>, Vec<u8>)]) {
+        self.produce_paced(topic, records, records.len().max(1), |_| {});
+    }
+
+    /// As [`produce`](Self::produce) in transactions of `chunk` records, calling
+    /// `after(records so far)` after each.
+    pub fn produce_paced(
+        &self,
+        topic: &str,
+        records: &[(i32, Vec<u8>, Vec<u8>)],
+        chunk: usize,
+        mut after: impl FnMut(usize),
+    ) {
+        let timeout = Duration::from_secs(60);
+        let new_producer = || -> BaseProducer {
+            let p: BaseProducer = self
+                .client()
+                .set("transactional.id", unique("test-producer"))
+                .set("linger.ms", "20")
+                .set("compression.type", "lz4")
+                .create()
+                .unwrap();
+            p.init_transactions(timeout).expect("init_transactions");
+            p
+        };
+        let mut p = new_producer();
+        let mut done = 0;
+        for part in records.chunks(chunk) {
+            let mut attempts = 0;
             loop {
-                match p.send(rec) {
+                attempts += 1;
+                assert!(attempts < 20, "cannot produce to {topic}");
+                let sent = (|| -> rdkafka::error::KafkaResult<()> {
+                    p.begin_transaction()?;
+                    for (partition, key, value) in part {
+                        let mut rec = BaseRecord::to(topic)
+                            .partition(*partition)
+                            .key(key)
+                            .payload(value);
+                        loop {
+                            match p.send(rec) {
+                                Ok(()) => break,
+                                Err((_, r)) => {
+                                    rec = r;
+                                    p.poll(Duration::from_millis(10));
+                                }
+                            }
+                        }
+                        p.poll(Duration::ZERO);
+                    }
+                    p.commit_transaction(timeout)
+                })();
+                match sent {
                     Ok(()) => break,
-                    Err((_, r)) => {
-                        rec = r;
-                        p.poll(Duration::from_millis(10));
+                    Err(e) => {
+                        eprintln!("producing to {topic}: {e}; sending the chunk again");
+                        if p.abort_transaction(timeout).is_err() {
+                            p = new_producer();
+                        }
                     }
                 }
             }
-            p.poll(Duration::ZERO);
+            done += part.len();
+            after(done);
         }
-        p.flush(Duration::from_secs(120))
-            .expect("flush produced records");
     }
 
     fn consumer(&self, isolation: &str) -> BaseConsumer {
@@ -242,6 +283,20 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
     pub headers: HashMap<String, String>,
+}
+
+/// A scenario's working directory (worker logs, state); kept when `RIFFLE_TEST_KEEP` is set.
+pub fn workdir() -> tempfile::TempDir {
+    let keep = std::env::var_os("RIFFLE_TEST_KEEP").is_some();
+    let dir = tempfile::Builder::new()
+        .prefix("riffle-dist-")
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    if keep {
+        eprintln!("working directory kept: {}", dir.path().display());
+    }
+    dir
 }
 
 /// Unique per run (pid + wall-clock nanos).
@@ -489,10 +544,18 @@ dataflow: {df}
 
 impl Drop for Job {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
         self.kill_all();
+        if std::thread::panicking() {
+            // Keep every worker's whole log for the post-mortem.
+            let keep = std::env::temp_dir().join(format!("riffle-failed-{}", self.name));
+            let _ = std::fs::create_dir_all(&keep);
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                }
+            }
+            eprintln!("{}\nworker logs kept in {}", self.logs(), keep.display());
+        }
     }
 }
 
@@ -549,11 +612,11 @@ pub fn try_http(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16
 }
 
 /// Exactly-once checks on the outputs of a job whose input was `events` (valid, by eventId)
-/// plus `poison` malformed records (by their (partition, offset)).
+/// plus `poison` malformed records (each with a distinct payload).
 pub fn verify_exactly_once(
     job: &Job,
     valid_event_ids: &HashSet<String>,
-    poison: &HashSet<(i32, i64)>,
+    poison: &HashSet<String>,
 ) -> Vec<Record> {
     let recs = job.bed.read_committed(&job.recs);
     let mut seen = HashSet::new();
@@ -575,6 +638,7 @@ pub fn verify_exactly_once(
         "recommended events differ from the input"
     );
     let dlq = job.bed.read_committed(&job.dlq);
+    let mut sources = HashSet::new();
     let mut dead = HashSet::new();
     for r in &dlq {
         let at = (
@@ -583,13 +647,26 @@ pub fn verify_exactly_once(
         );
         assert_eq!(r.headers["source.topic"], job.input);
         assert!(!r.headers["reason"].is_empty());
-        assert!(dead.insert(at), "dead letter {at:?} twice");
+        assert!(sources.insert(at), "dead letter from {at:?} twice");
+        let payload = String::from_utf8(r.value.clone()).unwrap();
+        assert!(
+            dead.insert(payload.clone()),
+            "dead letter {payload:?} twice"
+        );
     }
     assert!(
         dead == *poison,
         "dead letters differ: {} vs {} expected",
         dead.len(),
         poison.len()
+    );
+    // The inputs have bounded disorder: no event may be late, whatever was killed or stopped.
+    let late = job.bed.read_committed(&job.late);
+    assert!(
+        late.is_empty(),
+        "{} late events, e.g. {}",
+        late.len(),
+        String::from_utf8_lossy(&late[0].value)
     );
     for t in [&job.recs, &job.stats, &job.late, &job.dlq] {
         let open = job.bed.open_transactions(t);
