@@ -740,6 +740,7 @@ mod tests {
     use crate::sink::memory::MemorySink;
     use crate::source::memory::MemorySource;
     use crate::source::{Polled, SourcePosition};
+    use crate::store::{FaultyStore, Op};
 
     fn event(k: u64) -> Event {
         Event {
@@ -817,46 +818,6 @@ mod tests {
         assert!(e.tracker.partitions()[1].idle);
     }
 
-    /// A file store whose checkpoint manifests cannot be written while `fail` is set.
-    struct FlakyStore {
-        inner: FileStore,
-        fail: Arc<AtomicBool>,
-    }
-
-    impl ObjectStore for FlakyStore {
-        fn put_file(&self, key: &str, local: &Path) -> crate::store::Result<()> {
-            self.inner.put_file(key, local)
-        }
-        fn put_bytes(&self, key: &str, bytes: &[u8]) -> crate::store::Result<()> {
-            if self.fail.load(Relaxed) && key.ends_with(MANIFEST) {
-                return Err(crate::store::StoreError::S3 {
-                    op: "put",
-                    location: key.into(),
-                    message: "injected failure".into(),
-                });
-            }
-            self.inner.put_bytes(key, bytes)
-        }
-        fn get_file(&self, key: &str, local: &Path) -> crate::store::Result<()> {
-            self.inner.get_file(key, local)
-        }
-        fn get_bytes(&self, key: &str) -> crate::store::Result<Vec<u8>> {
-            self.inner.get_bytes(key)
-        }
-        fn copy(&self, from: &str, to: &str) -> crate::store::Result<()> {
-            self.inner.copy(from, to)
-        }
-        fn list(&self, prefix: &str) -> crate::store::Result<Vec<String>> {
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> crate::store::Result<()> {
-            self.inner.delete(key)
-        }
-        fn location(&self, key: &str) -> String {
-            self.inner.location(key)
-        }
-    }
-
     #[test]
     fn a_failed_savepoint_loses_and_duplicates_no_output() {
         let dir = tempfile::tempdir().unwrap();
@@ -870,11 +831,13 @@ mod tests {
         cfg.key_groups = 4;
         cfg.max_batch_size = 100;
         cfg.checkpoint_interval = Dur::secs(3600);
+        // Checkpoint manifests cannot be written while `fail` is set.
         let fail = Arc::new(AtomicBool::new(false));
-        let store = FlakyStore {
-            inner: FileStore::new(dir.path().join("checkpoints")).unwrap(),
-            fail: fail.clone(),
-        };
+        let failing = fail.clone();
+        let store = FaultyStore::new(
+            FileStore::new(dir.path().join("checkpoints")).unwrap(),
+            move |op, key| op == Op::Put && key.ends_with(MANIFEST) && failing.load(Relaxed),
+        );
         let out = dir.path().join("output");
         let mut e = Engine::with_store(
             cfg,

@@ -4,11 +4,13 @@
 //! uploader thread, never from the processing thread; the operator uses it to dispose of
 //! savepoints with no live job.
 
+mod faulty;
 mod file;
 mod s3;
 
 use std::path::{Path, PathBuf};
 
+pub use faulty::{FaultyStore, Op};
 pub use file::FileStore;
 pub use riffle_config::S3Config;
 pub use s3::S3Store;

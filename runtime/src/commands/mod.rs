@@ -2,7 +2,6 @@
 
 pub mod bench;
 pub mod eval;
-pub mod kafka_bench;
 pub mod produce;
 
 use std::path::Path;

@@ -157,6 +157,13 @@ impl ClientContext for StatsContext {
 
 impl ConsumerContext for StatsContext {}
 
+impl StatsContext {
+    /// The latest statistics of every partition.
+    pub fn snapshot(&self) -> HashMap<(String, i32), PartitionStats> {
+        self.partitions.lock().expect("stats lock").clone()
+    }
+}
+
 pub type JobConsumer = BaseConsumer<StatsContext>;
 
 /// A read_committed consumer of the job's group with manual offsets (partitions are

@@ -467,67 +467,32 @@ mod tests {
     //! committed at that moment must always name a part whose files are all in the store and
     //! hold exactly the state it was cut from.
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     use super::*;
     use crate::state::{StateManager, StateOp};
-    use crate::store::{FileStore, StoreError};
+    use crate::store::{FaultyStore, FileStore};
 
-    /// A store that fails every operation after the first `budget` (a crash mid-way).
-    struct CrashingStore {
-        inner: FileStore,
-        budget: AtomicUsize,
-        used: AtomicUsize,
+    /// A file store whose writes fail after the first `budget` ones (a crash mid-way).
+    struct Crashing {
+        store: FaultyStore<FileStore>,
+        budget: Arc<AtomicUsize>,
+        used: Arc<AtomicUsize>,
     }
 
-    impl CrashingStore {
+    impl Crashing {
         fn new(root: &Path, budget: usize) -> Self {
+            let budget = Arc::new(AtomicUsize::new(budget));
+            let used = Arc::new(AtomicUsize::new(0));
+            let (b, u) = (budget.clone(), used.clone());
+            let store = FaultyStore::new(FileStore::new(root).unwrap(), move |op, _| {
+                op.writes() && u.fetch_add(1, Ordering::SeqCst) >= b.load(Ordering::SeqCst)
+            });
             Self {
-                inner: FileStore::new(root).unwrap(),
-                budget: AtomicUsize::new(budget),
-                used: AtomicUsize::new(0),
+                store,
+                budget,
+                used,
             }
-        }
-        fn step(&self) -> crate::store::Result<()> {
-            let n = self.used.fetch_add(1, Ordering::SeqCst);
-            if n >= self.budget.load(Ordering::SeqCst) {
-                return Err(StoreError::S3 {
-                    op: "any",
-                    location: "crash".into(),
-                    message: "injected crash".into(),
-                });
-            }
-            Ok(())
-        }
-    }
-
-    impl ObjectStore for CrashingStore {
-        fn put_file(&self, key: &str, local: &Path) -> crate::store::Result<()> {
-            self.step()?;
-            self.inner.put_file(key, local)
-        }
-        fn put_bytes(&self, key: &str, bytes: &[u8]) -> crate::store::Result<()> {
-            self.step()?;
-            self.inner.put_bytes(key, bytes)
-        }
-        fn get_file(&self, key: &str, local: &Path) -> crate::store::Result<()> {
-            self.inner.get_file(key, local)
-        }
-        fn get_bytes(&self, key: &str) -> crate::store::Result<Vec<u8>> {
-            self.inner.get_bytes(key)
-        }
-        fn copy(&self, from: &str, to: &str) -> crate::store::Result<()> {
-            self.step()?;
-            self.inner.copy(from, to)
-        }
-        fn list(&self, prefix: &str) -> crate::store::Result<Vec<String>> {
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> crate::store::Result<()> {
-            self.step()?;
-            self.inner.delete(key)
-        }
-        fn location(&self, key: &str) -> String {
-            self.inner.location(key)
         }
     }
 
@@ -615,25 +580,27 @@ mod tests {
         // Count the operations of an uninterrupted run of three cycles.
         let total = {
             let root = scratch.path().join("count");
-            let store = CrashingStore::new(&root, usize::MAX);
+            let c = Crashing::new(&root, usize::MAX);
+            let store = &c.store;
             let mut state = StateManager::create(&scratch.path().join("count-state")).unwrap();
             let mut known = HashMap::new();
             let mut pointer = None;
             for c in 1..=3 {
-                cycle(&store, &mut state, &mut known, c, &mut pointer).unwrap();
+                cycle(store, &mut state, &mut known, c, &mut pointer).unwrap();
             }
-            store.used.load(Ordering::SeqCst)
+            c.used.load(Ordering::SeqCst)
         };
         assert!(total > 10, "{total} operations");
         for crash_at in 0..=total {
             let root = scratch.path().join(format!("store-{crash_at}"));
-            let store = CrashingStore::new(&root, crash_at);
+            let crashing = Crashing::new(&root, crash_at);
+            let store = &crashing.store;
             let mut state =
                 StateManager::create(&scratch.path().join(format!("state-{crash_at}"))).unwrap();
             let mut known = HashMap::new();
             let mut pointer: Option<String> = None;
             for c in 1..=3 {
-                if cycle(&store, &mut state, &mut known, c, &mut pointer).is_err() {
+                if cycle(store, &mut state, &mut known, c, &mut pointer).is_err() {
                     break;
                 }
             }
@@ -643,13 +610,13 @@ mod tests {
             }
             // A restarted worker goes on from there: its next cycles and collections must
             // keep the pointer's part intact until a newer pointer is committed.
-            store.budget.store(usize::MAX, Ordering::SeqCst);
+            crashing.budget.store(usize::MAX, Ordering::SeqCst);
             let mut known = HashMap::new(); // a new run uploads what it needs
             for c in 4..=5 {
-                cycle(&store, &mut state, &mut known, c, &mut pointer).unwrap();
+                cycle(store, &mut state, &mut known, c, &mut pointer).unwrap();
                 restore_and_check(&root, pointer.as_ref().unwrap(), scratch.path());
             }
-            let (complete, incomplete) = list_parts(&store).unwrap();
+            let (complete, incomplete) = list_parts(store).unwrap();
             assert!(
                 incomplete.is_empty(),
                 "crash at {crash_at}: leftovers {incomplete:?}"

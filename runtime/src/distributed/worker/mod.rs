@@ -962,13 +962,7 @@ impl Worker {
         }
         self.last_idle_check = Instant::now();
         let timeout = self.cfg.dataflow.idle_timeout.as_std();
-        let stats = self
-            .consumer
-            .context()
-            .partitions
-            .lock()
-            .expect("stats lock")
-            .clone();
+        let stats = self.consumer.context().snapshot();
         let mut changed = false;
         for (i, inp) in self.inputs.iter_mut().enumerate() {
             let readable = stats
@@ -1010,13 +1004,7 @@ impl Worker {
         m.exchange_queued
             .store(self.receiver.queued() as u64, Relaxed);
         m.stale_frames.store(self.receiver.stale_frames, Relaxed);
-        let stats = self
-            .consumer
-            .context()
-            .partitions
-            .lock()
-            .expect("stats lock")
-            .clone();
+        let stats = self.consumer.context().snapshot();
         let mut parts = Vec::new();
         let mut status = |topic: &str, partition: i32, position: i64| {
             let end = stats.get(&(topic.to_string(), partition)).map_or(-1, |s| {

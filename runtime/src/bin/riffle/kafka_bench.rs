@@ -38,13 +38,13 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use crate::config::{
+use riffle_runtime::config::{
     self, GeneratorConfig, JobConfig, KafkaConfig, KafkaSinkConfig, KafkaSourceConfig, S3Config,
     SinkConfig, SourceConfig, StartOffsets,
 };
-use crate::event::Event;
-use crate::keygroup::key_group;
-use crate::source::generator::Generator;
+use riffle_runtime::event::Event;
+use riffle_runtime::keygroup::key_group;
+use riffle_runtime::source::generator::Generator;
 
 type Result<T> = anyhow::Result<T>;
 
@@ -247,7 +247,6 @@ pub struct WorkerSummary {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CheckpointSample {
     pub duration_ms: u64,
-    pub size_bytes: u64,
     pub uploaded_bytes: u64,
 }
 
@@ -351,37 +350,16 @@ fn validate(o: &KafkaBenchOptions) -> Result<()> {
 
 /// Set by SIGINT or SIGTERM: the wait loops stop with an error, and dropping the job kills
 /// the workers and deletes what it created (a plain kill would orphan the workers).
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: std::sync::OnceLock<std::sync::Arc<AtomicBool>> = std::sync::OnceLock::new();
 
 fn watch_signals() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Registered before returning, so no signal slips through to the default action.
-    let (mut interrupt, mut terminate) = rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-        ))
-    })?;
-    std::thread::Builder::new()
-        .name("bench-signals".into())
-        .spawn(move || {
-            rt.block_on(async {
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
-                }
-            });
-            eprintln!("riffle bench-kafka: interrupted; stopping the workers and cleaning up");
-            INTERRUPTED.store(true, Relaxed);
-        })?;
+    let flag = riffle_runtime::shutdown::on_termination()?;
+    let _ = INTERRUPTED.set(flag);
     Ok(())
 }
 
 fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Relaxed) {
+    if INTERRUPTED.get().is_some_and(|f| f.load(Relaxed)) {
         bail!("interrupted");
     }
     Ok(())
@@ -953,7 +931,6 @@ impl BenchJob {
             if s.checkpoints_completed > previous {
                 h.checkpoints.push(CheckpointSample {
                     duration_ms: s.checkpoint_duration_ms,
-                    size_bytes: s.checkpoint_size_bytes,
                     uploaded_bytes: s.checkpoint_uploaded_bytes,
                 });
             }
@@ -1102,7 +1079,7 @@ fn job_config(ctx: &Ctx, names: &JobNames, dir: &Path) -> JobConfig {
 }
 
 fn delete_store(url: &str, s3: &S3Config) -> Result<()> {
-    let store = crate::store::open(url, Some(s3))?;
+    let store = riffle_runtime::store::open(url, Some(s3))?;
     for key in store.list("")? {
         store.delete(&key)?;
     }

@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod kafka_bench;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use riffle_runtime::commands::{self, bench, eval};
@@ -97,7 +99,7 @@ enum Command {
     /// Benchmark the distributed runtime with Kafka in the loop: throughput at saturation,
     /// end-to-end latency at a fixed rate, checkpoint and commit cost, recovery after a
     /// SIGKILL. Needs the test bed: `eval "$(e2e/testbed/testbed env)"`.
-    BenchKafka(commands::kafka_bench::KafkaBenchOptions),
+    BenchKafka(kafka_bench::KafkaBenchOptions),
     /// Write a generated clickstream (Zipf users and items) to a Kafka topic, keyed by userId
     /// with Kafka's default partitioner; event times start now.
     Produce {
@@ -214,8 +216,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchKafka(opts) => {
-            let testbed = commands::kafka_bench::Testbed::from_env()?;
-            let report = commands::kafka_bench::run(&opts, &testbed)?;
+            let testbed = kafka_bench::Testbed::from_env()?;
+            let report = kafka_bench::run(&opts, &testbed)?;
             println!("{report}");
             Ok(())
         }
