@@ -69,6 +69,11 @@ pub struct PartitionStatus {
     /// The partition's last stable offset, from the consumer's statistics (-1 unknown).
     pub end: i64,
     pub lag: i64,
+    /// Being fetched from a connected leader (consumer statistics).
+    pub readable: bool,
+    /// Input partitions: silent for `idleTimeout` while readable, so not holding the
+    /// watermark back.
+    pub idle: bool,
 }
 
 impl Default for Metrics {

@@ -75,8 +75,16 @@ impl WatermarkTracker {
             if self.partitions.iter().all(|p| p.finished) {
                 WM_MAX
             } else {
-                // Every live partition is idle: hold where we are.
-                self.current
+                // Every live partition is idle: what those that delivered data would impose if
+                // they were active (an idle partition that never had data cannot hold it at
+                // −∞ once nothing else does); with no data at all, hold.
+                self.partitions
+                    .iter()
+                    .filter(|p| !p.finished)
+                    .filter_map(|p| p.max_ts)
+                    .map(|m| m.saturating_sub(self.max_out_of_orderness))
+                    .min()
+                    .unwrap_or(self.current)
             }
         } else {
             holding
@@ -108,6 +116,25 @@ mod tests {
         assert_eq!(t.current(), 95);
         t.finish(0);
         assert_eq!(t.current(), WM_MAX);
+    }
+
+    #[test]
+    fn when_every_partition_goes_idle_at_once_the_watermark_follows_the_data() {
+        // Partition 1 never had data: it held the watermark at −∞ while partition 0 was
+        // active; both go idle at the same moment.
+        let mut t = WatermarkTracker::new(2, 5);
+        t.observe(0, 100);
+        assert_eq!(t.current(), WM_MIN);
+        t.set_idle(1, true);
+        t.set_idle(0, true);
+        assert_eq!(t.current(), 95);
+        t.set_idle(0, false);
+        t.observe(0, 90);
+        assert_eq!(t.current(), 95, "never moves back");
+        let mut empty = WatermarkTracker::new(2, 5);
+        empty.set_idle(0, true);
+        empty.set_idle(1, true);
+        assert_eq!(empty.current(), WM_MIN, "no data anywhere: hold");
     }
 
     #[test]

@@ -107,6 +107,8 @@ pub fn client_config(cfg: &JobConfig) -> Result<ClientConfig> {
 pub struct PartitionStats {
     pub hi_offset: i64,
     pub ls_offset: i64,
+    /// The position of the application (next offset to deliver; past transaction markers).
+    pub app_offset: i64,
     /// Being fetched from a leader the client is connected to: silence means no data, not
     /// an outage.
     pub readable: bool,
@@ -122,18 +124,25 @@ pub struct StatsContext {
 impl ClientContext for StatsContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // The end of a partition is how a replay knows it is done, not an error.
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = match &error {
+            KafkaError::PartitionEOF(_) => true,
+            KafkaError::Global(code) => *code == RDKafkaErrorCode::PartitionEOF,
+            _ => false,
+        };
+        if !eof {
             tracing::error!(%error, reason, "librdkafka");
         }
     }
 
     fn stats(&self, s: Statistics) {
         let at = Instant::now();
-        let up: HashMap<i32, bool> = s
-            .brokers
-            .values()
-            .map(|b| (b.nodeid, b.state == "UP"))
-            .collect();
+        // A leader is reachable when a real connection to its node is up. Logical brokers
+        // (the group coordinator) share the node id but connect only on demand, so they say
+        // nothing about fetching.
+        let mut up: HashMap<i32, bool> = HashMap::new();
+        for b in s.brokers.values().filter(|b| b.source != "logical") {
+            *up.entry(b.nodeid).or_default() |= b.state == "UP";
+        }
         let mut map = self.partitions.lock().expect("stats lock");
         for (topic, t) in s.topics {
             for (p, ps) in t.partitions {
@@ -145,6 +154,7 @@ impl ClientContext for StatsContext {
                     PartitionStats {
                         hi_offset: ps.hi_offset,
                         ls_offset: ps.ls_offset,
+                        app_offset: ps.app_offset,
                         readable: ps.fetch_state == "active"
                             && up.get(&ps.leader).copied().unwrap_or(false),
                         at,
@@ -156,6 +166,16 @@ impl ClientContext for StatsContext {
 }
 
 impl ConsumerContext for StatsContext {}
+
+impl PartitionStats {
+    /// Statistics arrive every second; older than this, they say nothing about now.
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(3);
+
+    /// Readable according to statistics that are still fresh.
+    pub fn readable_now(&self) -> bool {
+        self.readable && self.at.elapsed() < Self::FRESH
+    }
+}
 
 impl StatsContext {
     /// The latest statistics of every partition.

@@ -332,31 +332,66 @@ impl Receiver {
     /// The other senders' source watermarks, as the user stage must see them: for each
     /// sender, the lowest among its latest markers in the owned partitions (a forwarded event
     /// still in a lagging partition was read before that partition's marker). A sender counts
-    /// as idle only if every partition's latest marker says so. Returns the minimum over the
-    /// senders that are not idle, and whether any sender is not idle. `me` is left out.
-    pub fn remote_source_watermark(&self, me: u32) -> (i64, bool) {
-        // (gen, sender) → lowest source watermark of a marker that is not idle, if any.
-        let mut senders: BTreeMap<(u32, u32), Option<i64>> = BTreeMap::new();
+    /// as idle only if every partition's latest marker says so. `me` is left out.
+    pub fn remote_source_watermark(&self, me: u32) -> RemoteSources {
+        // (gen, sender) → lowest source watermark among active markers, and among idle ones.
+        let mut senders: BTreeMap<(u32, u32), (Option<i64>, Option<i64>)> = BTreeMap::new();
+        let lower = |a: Option<i64>, b: i64| Some(a.map_or(b, |a| a.min(b)));
         for inbox in self.inboxes.values() {
             let t = &inbox.table;
             for s in (0..t.senders).filter(|s| *s != me) {
-                let active = match t.markers.get(&s) {
-                    None => Some(WM_MIN), // not heard of here yet: holds back
-                    Some(m) if m.source_idle => None,
-                    Some(m) => Some(m.source_wm),
-                };
-                let slot = senders.entry((t.gen, s)).or_insert(None);
-                *slot = match (*slot, active) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let slot = senders.entry((t.gen, s)).or_default();
+                match t.markers.get(&s) {
+                    None => slot.0 = lower(slot.0, WM_MIN), // not heard of here yet: holds back
+                    Some(m) if m.source_idle => slot.1 = lower(slot.1, m.source_wm),
+                    Some(m) => slot.0 = lower(slot.0, m.source_wm),
+                }
             }
         }
-        let active: Vec<i64> = senders.values().flatten().copied().collect();
-        (
-            active.iter().copied().min().unwrap_or(i64::MAX),
-            !active.is_empty(),
-        )
+        let mut remote = RemoteSources::default();
+        for (active, idle) in senders.into_values() {
+            match (active, idle) {
+                (Some(wm), _) => remote.active = lower(remote.active, wm),
+                // An idle sender that never had data says nothing about event time.
+                (None, Some(wm)) if wm > WM_MIN => remote.idle = lower(remote.idle, wm),
+                _ => {}
+            }
+        }
+        remote
+    }
+}
+
+/// The other workers' sources, as markers last described them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteSources {
+    /// Lowest source watermark among the senders that are not idle, if any.
+    pub active: Option<i64>,
+    /// Lowest source watermark among idle senders that have had data.
+    pub idle: Option<i64>,
+}
+
+impl RemoteSources {
+    /// Before any marker arrived, the others are unknown: they hold the watermark back.
+    pub const UNKNOWN: Self = Self {
+        active: Some(WM_MIN),
+        idle: None,
+    };
+}
+
+/// The by-user stage's watermark candidate from the local source (`local`, and whether any
+/// local partition is active) and the other workers' sources: the minimum over the active
+/// ones; when every source of the job is idle, the minimum over those that had data (as an
+/// idle partition stops holding back only while another one makes progress, and then the
+/// data already read is the only evidence of event time); `None` to hold.
+pub fn user_watermark(local: i64, local_active: bool, remote: RemoteSources) -> Option<i64> {
+    match (local_active, remote.active) {
+        (true, Some(r)) => Some(local.min(r)),
+        (true, None) => Some(local),
+        (false, Some(r)) => Some(r),
+        (false, None) => [Some(local).filter(|l| *l > WM_MIN), remote.idle]
+            .into_iter()
+            .flatten()
+            .min(),
     }
 }
 
@@ -520,7 +555,7 @@ mod tests {
         };
         assert_eq!(
             r.remote_source_watermark(0),
-            (WM_MIN, true),
+            RemoteSources::UNKNOWN,
             "unknown senders"
         );
         for kg in 0..2 {
@@ -539,15 +574,35 @@ mod tests {
         r.push(0, s(1), vec![marker(300)], &mut out);
         assert_eq!(
             r.remote_source_watermark(0),
-            (100, true),
+            RemoteSources {
+                active: Some(100),
+                idle: Some(5)
+            },
             "partition 1 still has sender 1's older marker; sender 2 is idle"
         );
         // A sender restarted from its committed state may send a lower source watermark
         // (idle partitions became active again): the lower one counts.
         r.push(0, s(1), vec![marker(90)], &mut out);
-        assert_eq!(r.remote_source_watermark(0).0, 90);
+        assert_eq!(r.remote_source_watermark(0).active, Some(90));
         r.push(0, s(1), vec![marker(300)], &mut out);
         r.push(1, s(1), vec![marker(300)], &mut out);
-        assert_eq!(r.remote_source_watermark(0).0, 300);
+        assert_eq!(r.remote_source_watermark(0).active, Some(300));
+    }
+
+    #[test]
+    fn user_watermark_is_the_min_over_active_sources_and_follows_the_data_when_all_idle() {
+        let r = |active, idle| RemoteSources { active, idle };
+        assert_eq!(user_watermark(50, true, r(Some(80), None)), Some(50));
+        assert_eq!(user_watermark(50, true, r(None, Some(10))), Some(50));
+        assert_eq!(user_watermark(50, false, r(Some(80), Some(10))), Some(80));
+        // Everything idle: the sources that had data decide; none had data: hold.
+        assert_eq!(user_watermark(50, false, r(None, Some(70))), Some(50));
+        assert_eq!(user_watermark(WM_MIN, false, r(None, Some(70))), Some(70));
+        assert_eq!(user_watermark(WM_MIN, false, r(None, None)), None);
+        assert_eq!(
+            user_watermark(WM_MIN, true, RemoteSources::UNKNOWN),
+            Some(WM_MIN),
+            "unknown senders hold back"
+        );
     }
 }

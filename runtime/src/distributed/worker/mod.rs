@@ -33,7 +33,7 @@ use super::protocol::{
     self, check_savepoint_id, ExchangeMeta, GroupPosition, InputMeta, InputPosition, PartManifest,
     RestoreRequest, SavepointManifest, StartMode, StateRef, PART_MANIFEST, SAVEPOINT_MANIFEST,
 };
-use super::receiver::{Delivery, Inbox, PartitionTable, Receiver};
+use super::receiver::{user_watermark, Delivery, Inbox, PartitionTable, Receiver, RemoteSources};
 use super::sender::ExchangeSender;
 use super::snapshot::{self, Located, UploadDone, UploadJob, Uploader, UploaderConfig};
 use super::wire::{self, Barrier, Entry, Forwarded, Marker, Origin, Sender};
@@ -59,8 +59,6 @@ const INBOXES: u8 = b'Q';
 const MAX_RECORD_BYTES: usize = 512 * 1024;
 /// Trending contributions read back on start: enough for the windows a fill can use.
 const TRENDING_TAIL: i64 = 10_000;
-/// Consumer statistics (every second) older than this say nothing about a partition.
-const STATS_FRESH: Duration = Duration::from_secs(3);
 /// How long a savepoint may wait for the other workers' barriers.
 const SAVEPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -163,8 +161,8 @@ pub struct Worker {
     changelog_next: BTreeMap<u32, i64>,
     state_refs: BTreeMap<u32, StateRef>,
     user_wm: i64,
-    /// The other workers' source watermark and whether any of them is active.
-    remote: (i64, bool),
+    /// The other workers' sources, as their markers last described them.
+    remote: RemoteSources,
     last_marker: Option<Marker>,
     seq: u64,
     state_dir: PathBuf,
@@ -455,7 +453,7 @@ impl Worker {
             changelog_next: BTreeMap::new(),
             state_refs: BTreeMap::new(),
             user_wm: WM_MIN,
-            remote: (WM_MIN, true),
+            remote: RemoteSources::UNKNOWN,
             last_marker: None,
             seq: 0,
             state_dir,
@@ -904,16 +902,10 @@ impl Worker {
     }
 
     fn recompute_user_wm(&mut self) {
-        let (remote, remote_active) = self.remote;
-        let local_active = self.local_active();
-        let candidate = match (local_active, remote_active) {
-            (true, true) => self.tracker.current().min(remote),
-            (true, false) => self.tracker.current(),
-            (false, true) => remote,
-            // Every source of the job is idle: hold.
-            (false, false) => return,
-        };
-        self.user_wm = self.user_wm.max(candidate);
+        let local = self.tracker.current();
+        if let Some(candidate) = user_watermark(local, self.local_active(), self.remote) {
+            self.user_wm = self.user_wm.max(candidate);
+        }
     }
 
     fn current_marker(&self) -> Marker {
@@ -967,15 +959,17 @@ impl Worker {
         for (i, inp) in self.inputs.iter_mut().enumerate() {
             let readable = stats
                 .get(&(inp.name.clone(), inp.partition))
-                .is_some_and(|s| s.readable && s.at.elapsed() < STATS_FRESH);
+                .is_some_and(|s| s.readable_now());
             let idle = self.tracker.partitions()[i].idle;
             if !readable {
                 inp.silent_since = Instant::now();
                 if idle {
+                    tracing::info!(topic = %inp.name, partition = inp.partition, "partition not readable: holds the watermark again");
                     self.tracker.set_idle(i as u32, false);
                     changed = true;
                 }
             } else if !idle && inp.silent_since.elapsed() >= timeout {
+                tracing::info!(topic = %inp.name, partition = inp.partition, "partition idle");
                 self.tracker.set_idle(i as u32, true);
                 changed = true;
             }
@@ -1006,8 +1000,9 @@ impl Worker {
         m.stale_frames.store(self.receiver.stale_frames, Relaxed);
         let stats = self.consumer.context().snapshot();
         let mut parts = Vec::new();
-        let mut status = |topic: &str, partition: i32, position: i64| {
-            let end = stats.get(&(topic.to_string(), partition)).map_or(-1, |s| {
+        let mut status = |topic: &str, partition: i32, position: i64, idle: bool| {
+            let st = stats.get(&(topic.to_string(), partition));
+            let end = st.map_or(-1, |s| {
                 if s.ls_offset >= 0 {
                     s.ls_offset
                 } else {
@@ -1019,18 +1014,28 @@ impl Worker {
                 partition,
                 position,
                 end,
+                // The consumer's own position steps over transaction markers, which are
+                // never delivered: without it, every transactional partition at rest would
+                // show a lag of one.
                 lag: if end >= 0 {
-                    (end - position).max(0)
+                    (end - position.max(st.map_or(-1, |s| s.app_offset))).max(0)
                 } else {
                     -1
                 },
+                readable: st.is_some_and(|s| s.readable_now()),
+                idle,
             });
         };
-        for inp in &self.inputs {
-            status(&inp.name, inp.partition, inp.next);
+        for (i, inp) in self.inputs.iter().enumerate() {
+            status(
+                &inp.name,
+                inp.partition,
+                inp.next,
+                self.tracker.partitions()[i].idle,
+            );
         }
         for (kg, next) in &self.exchange_next {
-            status(&self.topics.exchange, *kg as i32, *next);
+            status(&self.topics.exchange, *kg as i32, *next, false);
         }
         *m.partitions.lock().expect("metrics lock") = parts;
     }
