@@ -58,5 +58,11 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## Regenerate crds/ from operator/src/crd.rs (a test fails while crds/ is stale).
+.PHONY: crds
+crds:
+	$(CARGO) build -q --workspace --bin crdgen
+	$(CARGO_TARGET_DIR)/debug/crdgen
+
 -include e2e/testbed.mk
 

@@ -77,17 +77,30 @@ impl FromStr for Duration {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        for (unit, size) in [
-            ("d", 86_400_000),
-            ("h", 3_600_000),
-            ("m", 60_000),
-            ("s", 1000),
-        ] {
+        // No days: the StreamJob schema (and CEL's duration()) know h, m, s and ms only.
+        for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
             if ms != 0 && ms % size == 0 {
                 return write!(f, "{}{unit}", ms / size);
             }
         }
         write!(f, "{ms}ms")
+    }
+}
+
+/// In a StreamJob spec a duration is a string CEL's `duration()` can read as well.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]+(ms|s|m|h)$",
+            "maxLength": 24,
+            "description": "A duration: a whole number of ms, s, m or h (e.g. 500ms, 10s, 5m, 168h)."
+        })
     }
 }
 
@@ -113,6 +126,7 @@ impl<'de> Deserialize<'de> for Duration {
 }
 
 /// Integer weight of an event by its type.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Weights {
@@ -134,6 +148,7 @@ impl Default for Weights {
 }
 
 /// The semantic parameters of the recommendation dataflow (see docs/semantics.md).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DataflowConfig {
@@ -269,6 +284,7 @@ impl Default for GeneratorConfig {
 }
 
 /// Where a Kafka source starts when its consumer group has no committed offset yet.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum StartOffsets {
@@ -283,6 +299,7 @@ pub enum StartOffsets {
 /// topic with `P` partitions belongs to worker `p·N/P`. A topic with `keyGroups` partitions
 /// keyed by userId with Kafka's default partitioner puts every user on the worker that owns
 /// its key group; any other record is routed to its user's owner through the exchange topic.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaSourceConfig {
@@ -300,6 +317,7 @@ pub enum SourceConfig {
 }
 
 /// Output topics of a Kafka sink; records are written inside the worker's transactions.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaSinkConfig {
@@ -364,6 +382,7 @@ impl HttpConfig {
 
 /// How workers authenticate to Kafka. Credentials come from `RIFFLE_KAFKA_SASL_USERNAME` /
 /// `RIFFLE_KAFKA_SASL_PASSWORD` (or `..._FILE` variants), never from this file.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SecurityProtocol {
@@ -388,6 +407,7 @@ impl SecurityProtocol {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SaslMechanism {
     #[serde(rename = "PLAIN")]
@@ -409,6 +429,7 @@ impl SaslMechanism {
 }
 
 /// The Kafka cluster a distributed job reads, writes and keeps its internal topics in.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -528,6 +549,7 @@ impl KafkaConfig {
 
 /// S3 access for `s3://` stores. Credentials come from the AWS default chain (environment,
 /// profile files, web identity / IRSA), never from this file.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct S3Config {

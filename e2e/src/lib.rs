@@ -4,6 +4,7 @@
 //! control plane and runs the pods bound to it as local processes (see `e2e/README.md`).
 
 pub mod node_agent;
+pub mod testbed;
 
 /// Installs rustls' `ring` crypto provider as the process default.
 ///

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -18,59 +18,23 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Servic
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, Condition};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
-use kube::{Api, Client, Config, Resource};
+use kube::{Api, Client, Resource};
 use riffle_e2e::node_agent::{process_exists, read_logs, read_pid};
+use riffle_e2e::testbed::{client, kubeconfig_path};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_riffle-node-agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_riffle-testbed-probe");
-const NOT_RUNNING: &str = "test bed not running: run `make testbed-up`";
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The admin kubeconfig: `$KUBECONFIG` (as exported by `e2e/testbed/testbed env`), or the
-/// one `e2e/testbed/testbed env` prints.
-fn kubeconfig_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("KUBECONFIG").map(PathBuf::from) {
-        if path.is_file() {
-            return path;
-        }
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed/testbed");
-    let output = Command::new(&script)
-        .arg("env")
-        .output()
-        .unwrap_or_else(|e| panic!("{NOT_RUNNING} (cannot run {}: {e})", script.display()));
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("export KUBECONFIG="))
-        .map(|p| PathBuf::from(p.trim()))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{NOT_RUNNING} (no admin kubeconfig)"))
-}
 
 /// The state directory shared by every agent on the machine (pod dirs, pod IP locks).
 fn state_dir() -> PathBuf {
     std::env::var_os("RIFFLE_TESTBED_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(riffle_e2e::node_agent::default_state_dir)
-}
-
-async fn client(kubeconfig: &Path) -> Client {
-    riffle_e2e::install_crypto_provider();
-    let kc = Kubeconfig::read_from(kubeconfig).unwrap_or_else(|e| panic!("{NOT_RUNNING} ({e})"));
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("{NOT_RUNNING} ({e})"));
-    let client = Client::try_from(config).unwrap_or_else(|e| panic!("{NOT_RUNNING} ({e})"));
-    client
-        .apiserver_version()
-        .await
-        .unwrap_or_else(|e| panic!("{NOT_RUNNING} (API server unreachable: {e})"));
-    client
 }
 
 /// A running node agent and a namespace, both removed on drop.

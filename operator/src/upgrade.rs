@@ -12,7 +12,9 @@
 use serde::{Deserialize, Serialize};
 
 /// How state crosses an upgrade.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum UpgradeMode {
     /// Fresh start: no state, inputs from the configured start offsets.

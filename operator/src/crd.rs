@@ -1,0 +1,336 @@
+//! The `StreamJob` custom resource (`riffle.dev/v1alpha1`, short name `sj`).
+//!
+//! The dataflow, source, sink, Kafka and S3 sections are the runtime's own job-file structs
+//! (`riffle-config`), so a spec section and the rendered job file have one shape. What only a
+//! deployment has — image, resources, credentials by Secret reference, lifecycle controls —
+//! lives beside them. Rules the API server can check are CEL validations on the schema, so
+//! `kubectl apply` of a bad spec fails with a message that says what to fix.
+
+use k8s_openapi::api::core::v1::{
+    EnvVar, PodSecurityContext, ResourceRequirements, SecretKeySelector, Toleration,
+};
+use kube::{CustomResource, KubeSchema};
+use riffle_config::{
+    DataflowConfig, Duration, KafkaConfig, KafkaSinkConfig, KafkaSourceConfig, S3Config,
+};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use crate::upgrade::UpgradeMode;
+
+/// A recommendation job: worker pods reading Kafka, exactly-once outputs to Kafka, state
+/// checkpointed to S3.
+// Every `printcolumn(...)` repeats the same keys, which clippy takes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "riffle.dev",
+    version = "v1alpha1",
+    kind = "StreamJob",
+    doc = "A Riffle recommendation job: Kafka in, exactly-once recommendations out, state on S3",
+    namespaced,
+    shortname = "sj",
+    category = "riffle",
+    status = "StreamJobStatus",
+    scale(
+        spec_replicas_path = ".spec.parallelism",
+        status_replicas_path = ".status.parallelism",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Parallelism",
+        type_ = "integer",
+        json_path = ".spec.parallelism"
+    ),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.workers.lag"),
+    printcolumn(
+        name = "Last Savepoint",
+        type_ = "string",
+        json_path = ".status.lastSavepoint.location",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("self.parallelism <= self.keyGroups")
+    .message("parallelism must not exceed keyGroups: each worker owns at least one key group"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.keyGroups) || self.keyGroups == oldSelf.keyGroups")
+    .message("keyGroups is fixed for the life of a job (it is the partition count of its internal topics); create a new job to change it"))]
+#[serde(rename_all = "camelCase")]
+pub struct StreamJobSpec {
+    /// Container image with the `riffle` binary.
+    pub image: String,
+    /// Worker pods. `kubectl scale sj/NAME --replicas N` sets it.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub parallelism: u32,
+    /// Key groups: the unit of state distribution and the partition count of the job's
+    /// internal topics. Fixed once set.
+    #[serde(default = "default_key_groups")]
+    #[schemars(range(min = 1, max = 32768))]
+    pub key_groups: u32,
+    /// Input topics (JSON events).
+    pub source: KafkaSourceConfig,
+    /// Output topics.
+    pub sink: KafkaSinkConfig,
+    /// Semantics of the dataflow (docs/semantics.md).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new(
+        "duration(self.windowSize).getMilliseconds() % duration(self.windowSlide).getMilliseconds() == 0"
+    ).message("dataflow.windowSize must be a whole multiple of dataflow.windowSlide"))]
+    #[x_kube(validation = Rule::new("duration(self.windowSlide).getMilliseconds() > 0")
+        .message("dataflow.windowSlide must be positive"))]
+    #[x_kube(validation = Rule::new("self.historyLength >= 1 && self.topK >= 1")
+        .message("dataflow.historyLength and dataflow.topK must be at least 1"))]
+    pub dataflow: DataflowConfig,
+    /// The Kafka cluster. Credentials are not here: see `kafkaCredentials`.
+    pub kafka: KafkaConfig,
+    /// SASL username and password from Secrets (for SASL security protocols).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_credentials: Option<KafkaCredentials>,
+    /// Where checkpoints and savepoints go.
+    pub storage: Storage,
+    /// Time between state snapshots uploaded to S3 (off the processing path).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: Duration,
+    /// Time between Kafka transaction commits: how soon outputs become visible.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: Duration,
+    /// How state crosses an upgrade.
+    #[serde(default)]
+    pub upgrade_mode: UpgradeMode,
+    /// `suspended` takes a savepoint and removes the pods; `running` resumes from it.
+    #[serde(default)]
+    pub state: JobState,
+    /// Change to restart the workers (through the upgrade mode).
+    #[serde(default)]
+    pub restart_nonce: i64,
+    /// Change to take a savepoint without stopping.
+    #[serde(default)]
+    pub savepoint_trigger_nonce: i64,
+    /// A savepoint (`s3://…`) the first generation restores from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^s3://[^/]+/.+"))]
+    pub initial_savepoint_path: Option<String>,
+    /// A new generation not Ready within this is rolled back to the last stable spec.
+    #[serde(default = "default_readiness_timeout")]
+    pub readiness_timeout: Duration,
+    #[serde(default)]
+    pub savepoint_retention: SavepointRetention,
+    /// Resources of each worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<PodOverrides>,
+    /// Lag-based autoscaling of `parallelism` (filled by the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<Autoscaler>,
+}
+
+/// The operator's own memory: kept as written, not validated by the API server.
+fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_key_groups() -> u32 {
+    128
+}
+fn default_checkpoint_interval() -> Duration {
+    Duration::secs(10)
+}
+fn default_commit_interval() -> Duration {
+    Duration::millis(100)
+}
+fn default_readiness_timeout() -> Duration {
+    Duration::mins(5)
+}
+
+#[derive(JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum JobState {
+    #[default]
+    Running,
+    Suspended,
+}
+
+#[derive(JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaCredentials {
+    pub username: SecretKeySelector,
+    pub password: SecretKeySelector,
+}
+
+/// Checkpoint and savepoint locations, and how to reach them.
+#[derive(JsonSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    /// `s3://bucket/prefix` for checkpoints.
+    #[schemars(regex(pattern = r"^s3://[^/]+(/.*)?$"))]
+    pub checkpoints: String,
+    /// `s3://bucket/prefix` for savepoints; default `<checkpoints>/savepoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^s3://[^/]+(/.*)?$"))]
+    pub savepoints: Option<String>,
+    /// Endpoint, region and path-style addressing (MinIO needs the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+    /// A Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`; without it the AWS
+    /// default chain applies (IRSA, instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// How many savepoints the operator keeps (older ones are deleted from S3).
+#[derive(JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointRetention {
+    #[serde(default = "default_savepoints_kept")]
+    #[schemars(range(min = 1))]
+    pub max_count: u32,
+    /// Delete the job's savepoints from S3 when the StreamJob is deleted.
+    #[serde(default)]
+    pub dispose_on_delete: bool,
+}
+
+impl Default for SavepointRetention {
+    fn default() -> Self {
+        Self {
+            max_count: default_savepoints_kept(),
+            dispose_on_delete: false,
+        }
+    }
+}
+
+fn default_savepoints_kept() -> u32 {
+    5
+}
+
+/// What a StreamJob may change in its worker pods.
+#[derive(JsonSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// Extra environment of the worker container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Bounds of lag-based autoscaling.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[x_kube(validation = Rule::new("self.minParallelism <= self.maxParallelism")
+    .message("autoscaler.minParallelism must not exceed autoscaler.maxParallelism"))]
+#[serde(rename_all = "camelCase")]
+pub struct Autoscaler {
+    #[serde(default)]
+    pub enabled: bool,
+    #[schemars(range(min = 1))]
+    pub min_parallelism: u32,
+    #[schemars(range(min = 1))]
+    pub max_parallelism: u32,
+}
+
+/// What the operator and the workers report.
+#[derive(JsonSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamJobStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Workers running (the scale subresource's replicas).
+    #[serde(default)]
+    pub parallelism: u32,
+    /// Label selector of the worker pods (the scale subresource's selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkerReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_savepoint: Option<SavepointInfo>,
+    /// The most recent savepoints, newest first (bounded by the retention).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub savepoints: Vec<SavepointInfo>,
+    /// The lifecycle record (deployed generation, last stable spec, the upgrade journal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque_object")]
+    pub lifecycle: Option<crate::upgrade::Record>,
+    /// The last stable spec, for rollbacks (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stable_spec: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Worker container restarts of the running generation.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// A status condition (Ready, Progressing, Degraded).
+#[derive(JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The workers' own view, summed or taken at the minimum as fits.
+#[derive(JsonSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerReport {
+    pub generation: u32,
+    pub ready: u32,
+    /// Records behind the end of the input and exchange topics, over all workers.
+    pub lag: i64,
+    /// The lowest worker watermark (epoch ms), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<i64>,
+    pub events_per_second: f64,
+    /// The oldest of the workers' last completed checkpoints (epoch ms id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<i64>,
+}
+
+#[derive(JsonSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointInfo {
+    pub location: String,
+    pub trigger: String,
+    pub time: String,
+}
+
+/// The CRD as `crds/streamjob.yaml` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&StreamJob::crd())?;
+    Ok(format!(
+        "# Generated by `make crds` (the crdgen binary) from operator/src/crd.rs: do not edit.\n{body}"
+    ))
+}
