@@ -618,13 +618,14 @@ fn default_name() -> String {
 fn default_parallelism() -> usize {
     1
 }
-fn default_key_groups() -> u32 {
+/// Defaults a StreamJob spec shares with the job file.
+pub fn default_key_groups() -> u32 {
     128
 }
-fn default_checkpoint_interval() -> Duration {
+pub fn default_checkpoint_interval() -> Duration {
     Duration::secs(10)
 }
-fn default_commit_interval() -> Duration {
+pub fn default_commit_interval() -> Duration {
     Duration::millis(100)
 }
 fn default_retained() -> usize {

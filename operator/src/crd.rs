@@ -71,7 +71,7 @@ pub struct StreamJobSpec {
     pub parallelism: u32,
     /// Key groups: the unit of state distribution and the partition count of the job's
     /// internal topics. Fixed once set.
-    #[serde(default = "default_key_groups")]
+    #[serde(default = "riffle_config::default_key_groups")]
     #[schemars(range(min = 1, max = 32768))]
     pub key_groups: u32,
     /// Input topics (JSON events).
@@ -96,10 +96,10 @@ pub struct StreamJobSpec {
     /// Where checkpoints and savepoints go.
     pub storage: Storage,
     /// Time between state snapshots uploaded to S3 (off the processing path).
-    #[serde(default = "default_checkpoint_interval")]
+    #[serde(default = "riffle_config::default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
     /// Time between Kafka transaction commits: how soon outputs become visible.
-    #[serde(default = "default_commit_interval")]
+    #[serde(default = "riffle_config::default_commit_interval")]
     pub commit_interval: Duration,
     /// How state crosses an upgrade.
     #[serde(default)]
@@ -142,15 +142,6 @@ fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 
 fn one() -> u32 {
     1
-}
-fn default_key_groups() -> u32 {
-    128
-}
-fn default_checkpoint_interval() -> Duration {
-    Duration::secs(10)
-}
-fn default_commit_interval() -> Duration {
-    Duration::millis(100)
 }
 fn default_readiness_timeout() -> Duration {
     Duration::mins(5)
