@@ -44,6 +44,8 @@ struct TestEnv {
     node: String,
     agent: Option<Child>,
     agent_log: PathBuf,
+    image_map: PathBuf,
+    kubeconfig: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -67,35 +69,17 @@ impl TestEnv {
             format!("images:\n  \"riffle-testbed-probe:*\": {PROBE}\n"),
         )
         .unwrap();
-        let agent_log = tmp.path().join("agent.log");
-        let log = std::fs::File::create(&agent_log).unwrap();
-        let agent = Command::new(AGENT)
-            .args([
-                "run",
-                "--node-name",
-                &node,
-                "--delete-node-on-exit",
-                "--image-map",
-            ])
-            .arg(&image_map)
-            .arg("--state-dir")
-            .arg(state_dir())
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .env("RUST_LOG", "info,riffle_e2e=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start riffle-node-agent");
-        let env = Self {
+        let mut env = Self {
             client,
             ns,
             node,
-            agent: Some(agent),
-            agent_log,
+            agent: None,
+            agent_log: tmp.path().join("agent.log"),
+            image_map,
+            kubeconfig,
             _tmp: tmp,
         };
+        env.agent = Some(env.spawn_agent());
         Api::<Namespace>::all(env.client.clone())
             .create(
                 &PostParams::default(),
@@ -126,6 +110,41 @@ impl TestEnv {
         )
         .await;
         env
+    }
+
+    /// Starts this test's node agent (appending to its log).
+    fn spawn_agent(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.agent_log)
+            .unwrap();
+        Command::new(AGENT)
+            .args([
+                "run",
+                "--node-name",
+                &self.node,
+                "--delete-node-on-exit",
+                "--image-map",
+            ])
+            .arg(&self.image_map)
+            .arg("--state-dir")
+            .arg(state_dir())
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .env("RUST_LOG", "info,riffle_e2e=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start riffle-node-agent")
+    }
+
+    /// SIGKILLs the node agent and waits for it to be gone.
+    fn kill_agent(&mut self) {
+        let mut agent = self.agent.take().expect("agent running");
+        agent.kill().unwrap();
+        agent.wait().unwrap();
     }
 
     fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(&self) -> Api<K>
@@ -674,4 +693,50 @@ async fn env_and_volumes_come_from_config_maps_and_secrets() {
     assert!(logs.contains("ok\n"), "{logs}");
     let list = env.api::<Pod>().list(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
+}
+
+#[tokio::test]
+async fn a_restarted_agent_kills_what_its_sigkilled_predecessor_left_running() {
+    let mut env = TestEnv::start("reap").await;
+    let pod = env.pod(
+        "server",
+        json!({
+            "containers": [{
+                "name": "main",
+                "image": "riffle-testbed-probe:test",
+                "args": ["serve", "--port", "8080"],
+                "env": [{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }]
+            }]
+        }),
+    );
+    env.create_pod(pod).await;
+    env.wait_pod("server", "pod Running", |p| phase(p) == "Running")
+        .await;
+    let old = read_pid(&state_dir(), &env.ns, "server", None).unwrap();
+
+    env.kill_agent();
+    assert!(
+        process_exists(old),
+        "a SIGKILLed agent cannot stop its pods' processes"
+    );
+    env.agent = Some(env.spawn_agent());
+    // The new agent kills the leftover before it runs the pod again.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut current = old;
+    while process_exists(old) || current == old || !process_exists(current) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old process {old} alive: {}, current pid {current}\n--- agent log ---\n{}",
+            process_exists(old),
+            env.agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        current = read_pid(&state_dir(), &env.ns, "server", None).unwrap_or(old);
+    }
+    assert!(
+        env.agent_log()
+            .contains("killing a container a previous agent left running"),
+        "{}",
+        env.agent_log()
+    );
 }

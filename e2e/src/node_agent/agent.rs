@@ -85,6 +85,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let (client, cluster) = connect(config.kubeconfig.as_ref()).await?;
     std::fs::create_dir_all(config.state_dir.join("pods"))
         .map_err(|e| Error::io(config.state_dir.join("pods"), e))?;
+    // Before running anything: a predecessor that died may have left our pods running.
+    let reaped = crate::node_agent::process::reap_leftovers(&config.state_dir, &config.node_name);
+    if reaped > 0 {
+        tracing::warn!(reaped, node = %config.node_name, "killed containers of a previous agent");
+    }
     let shared = Arc::new(Shared {
         client: client.clone(),
         cluster,

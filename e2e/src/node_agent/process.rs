@@ -4,12 +4,14 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::node_agent::layout::PodDir;
 use crate::node_agent::sandbox::PreparedContainer;
 use crate::node_agent::{Error, Result};
 
@@ -75,6 +77,56 @@ pub fn signal_group(pgid: u32, signal: Signal) {
     }
 }
 
+/// Kills the container processes a previous agent of `node` left running (an agent that is
+/// SIGKILLed cannot stop its pods, and its successor would otherwise run them twice). A
+/// container counts only if its PID file names a live process whose `RIFFLE_MOUNT_ROOT` is
+/// that container's mount root, so a PID reused by an unrelated process is never hit.
+/// Returns how many process groups were killed.
+pub fn reap_leftovers(state_dir: &Path, node: &str) -> usize {
+    let Ok(pods) = std::fs::read_dir(state_dir.join("pods")) else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for pod in pods.flatten() {
+        let dir = PodDir::from_path(pod.path());
+        let owner = std::fs::read(dir.pod_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["node"].as_str().map(str::to_owned));
+        if owner.as_deref() != Some(node) {
+            continue;
+        }
+        let Ok(containers) = std::fs::read_dir(dir.root().join("containers")) else {
+            continue;
+        };
+        for c in containers.flatten() {
+            let name = c.file_name().to_string_lossy().into_owned();
+            let Some(pid) = std::fs::read_to_string(dir.pid_file(&name))
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let root = dir.mount_root(&name);
+            if mount_root_of(pid).is_some_and(|r| Path::new(&r) == root) {
+                tracing::warn!(pid, pod = %dir.root().display(), container = %name, "killing a container a previous agent left running");
+                signal_group(pid, Signal::SIGKILL);
+                reaped += 1;
+            }
+        }
+    }
+    reaped
+}
+
+/// `RIFFLE_MOUNT_ROOT` in the environment of a live process, if any.
+fn mount_root_of(pid: u32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|kv| {
+        kv.strip_prefix(b"RIFFLE_MOUNT_ROOT=")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
 /// Exit code and signal of a finished process.
 pub fn exit_details(status: ExitStatus) -> (Option<i32>, Option<i32>) {
     (status.code(), status.signal())
@@ -125,5 +177,54 @@ mod tests {
             ..container(&[])
         };
         assert!(matches!(spawn(&missing), Err(Error::Spawn { .. })));
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_this_node_are_killed_and_nothing_else() {
+        let state = tempfile::tempdir().unwrap();
+        let sleeper = |node: &str, pod: &str, with_root: bool| {
+            let dir = PodDir::new(state.path(), "ns", pod, "uid");
+            std::fs::create_dir_all(dir.mount_root("c")).unwrap();
+            std::fs::create_dir_all(dir.root().join("logs")).unwrap();
+            std::fs::write(
+                dir.pod_file(),
+                serde_json::json!({"namespace": "ns", "name": pod, "uid": "uid", "node": node})
+                    .to_string(),
+            )
+            .unwrap();
+            let mut env = vec![("PATH".into(), std::env::var("PATH").unwrap())];
+            if with_root {
+                env.push((
+                    "RIFFLE_MOUNT_ROOT".into(),
+                    dir.mount_root("c").display().to_string(),
+                ));
+            }
+            spawn(&PreparedContainer {
+                name: "c".into(),
+                image: "sh:1".into(),
+                program: PathBuf::from("sh"),
+                args: vec!["-c".into(), "sleep 600 & wait".into()],
+                env,
+                cwd: dir.mount_root("c"),
+                log_file: dir.log_file("c"),
+                pid_file: dir.pid_file("c"),
+                spec: Default::default(),
+            })
+            .unwrap()
+        };
+        let mut mine = sleeper("n1", "mine", true);
+        let mut other_node = sleeper("n2", "theirs", true);
+        // A PID file naming a process that is not that container (a reused PID).
+        let mut stranger = sleeper("n1", "reused", false);
+
+        assert_eq!(reap_leftovers(state.path(), "n1"), 1);
+        let status = mine.child.wait().await.unwrap();
+        assert_eq!(exit_details(status), (None, Some(9)));
+        for other in [&mut other_node, &mut stranger] {
+            assert!(other.child.try_wait().unwrap().is_none(), "killed too much");
+            signal_group(other.pid, Signal::SIGKILL);
+            other.child.wait().await.unwrap();
+        }
+        assert_eq!(reap_leftovers(state.path(), "n1"), 0, "nothing left");
     }
 }
