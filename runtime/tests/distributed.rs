@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{serial, unique, verify_exactly_once, Bed, Job, JobSpec, Record};
-use reference::{RefEvent, RefItemStats, RefParams, RefType};
+use reference::from_config::ref_params;
+use reference::{RefEvent, RefItemStats, RefType};
 use riffle_runtime::config::{DataflowConfig, Duration as Dur, GeneratorConfig};
 use riffle_runtime::event::{Event, EventType};
 use riffle_runtime::keygroup::key_group;
@@ -144,26 +145,6 @@ fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
     }
     out.final_wm = sentinel_ts - dataflow().max_out_of_orderness.0;
     out
-}
-
-fn ref_params(df: &DataflowConfig) -> RefParams {
-    RefParams {
-        weights: [
-            u64::from(df.weights.view),
-            u64::from(df.weights.click),
-            u64::from(df.weights.cart),
-            u64::from(df.weights.purchase),
-        ],
-        history_length: df.history_length,
-        session_gap_ms: df.session_gap.0,
-        window_size_ms: df.window_size.0,
-        window_slide_ms: df.window_slide.0,
-        max_out_of_orderness_ms: df.max_out_of_orderness.0,
-        allowed_lateness_ms: df.allowed_lateness.0,
-        neighbor_limit: df.neighbor_limit,
-        top_k: df.top_k,
-        exclude_purchased: df.exclude_purchased,
-    }
 }
 
 /// The job's ItemStats equal the reference's for every window emitted by the final watermark.

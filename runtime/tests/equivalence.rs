@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use reference::{RefEvent, RefItemStats, RefParams, RefType};
+use reference::from_config::ref_params;
+use reference::{RefEvent, RefItemStats, RefType};
 use riffle_runtime::config::{DataflowConfig, Duration, JobConfig, SourceConfig, Weights};
 use riffle_runtime::dataflow::output::{ItemStats, LateEvent, Recommendation};
 use riffle_runtime::engine::{Engine, Restore};
@@ -113,26 +114,6 @@ fn case(max_disorder: i64) -> impl Strategy<Value = Case> {
             }
         },
     )
-}
-
-fn ref_params(df: &DataflowConfig) -> RefParams {
-    RefParams {
-        weights: [
-            u64::from(df.weights.view),
-            u64::from(df.weights.click),
-            u64::from(df.weights.cart),
-            u64::from(df.weights.purchase),
-        ],
-        history_length: df.history_length,
-        session_gap_ms: df.session_gap.0,
-        window_size_ms: df.window_size.0,
-        window_slide_ms: df.window_slide.0,
-        max_out_of_orderness_ms: df.max_out_of_orderness.0,
-        allowed_lateness_ms: df.allowed_lateness.0,
-        neighbor_limit: df.neighbor_limit,
-        top_k: df.top_k,
-        exclude_purchased: df.exclude_purchased,
-    }
 }
 
 /// The order the engine reads partitions in: rounds of `per` records per partition.

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 pub mod fast;
+pub mod from_config;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefType {

@@ -299,27 +299,20 @@ impl Worker {
             ("cleanup.policy", "delete".to_string()),
             ("retention.ms", retention),
         ];
-        admin.ensure_topic(
-            &consumer,
-            &topics.exchange,
-            kgs as i32,
-            k.replication_factor,
-            &internal,
-        )?;
-        admin.ensure_topic(
-            &consumer,
-            &topics.changelog,
-            kgs as i32,
-            k.replication_factor,
-            &internal,
-        )?;
-        admin.ensure_topic(
-            &consumer,
-            &topics.trending,
-            1,
-            k.replication_factor,
-            &internal,
-        )?;
+        // Exchange and changelog are keyed by key group; the trending board is one log.
+        for (topic, partitions) in [
+            (&topics.exchange, kgs as i32),
+            (&topics.changelog, kgs as i32),
+            (&topics.trending, 1),
+        ] {
+            admin.ensure_topic(
+                &consumer,
+                topic,
+                partitions,
+                k.replication_factor,
+                &internal,
+            )?;
+        }
 
         // What was committed for this worker's key groups and inputs.
         let mut wanted: Vec<(String, i32)> = range
