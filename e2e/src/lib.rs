@@ -2,9 +2,12 @@
 //!
 //! The main piece is [`node_agent`]: a small kubelet that registers a Node with a real
 //! control plane and runs the pods bound to it as local processes (see `e2e/README.md`).
+//! [`testenv`] gives end-to-end tests (of any crate) a namespace and a node agent of their
+//! own on the test bed; [`testbed`] reaches the test bed itself.
 
 pub mod node_agent;
 pub mod testbed;
+pub mod testenv;
 
 /// Installs rustls' `ring` crypto provider as the process default.
 ///
