@@ -324,7 +324,7 @@ pub struct KafkaSinkConfig {
     /// One record per event, keyed by userId.
     pub recommendations: String,
     /// One record per item and emitted window, keyed by itemId (omit to not write them).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item_stats: Option<String>,
     /// Late events, keyed by userId, with source headers.
     pub late: String,
@@ -338,9 +338,9 @@ pub struct KafkaSinkConfig {
 pub struct SinkConfig {
     /// Directory with one sub-directory per output: recommendations, item-stats, late,
     /// dead-letter. Files appear there only when the checkpoint covering them commits.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSinkConfig>,
     /// Write item stats (large with long windows). Default true.
     #[serde(default = "yes")]
@@ -365,9 +365,9 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
 
@@ -436,7 +436,7 @@ pub struct KafkaConfig {
     pub bootstrap_servers: String,
     #[serde(default)]
     pub security_protocol: SecurityProtocol,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_mechanism: Option<SaslMechanism>,
     /// Transaction timeout: the broker aborts a worker's open transaction after this long
     /// without a commit (must exceed `commitInterval` many times over).
@@ -444,7 +444,7 @@ pub struct KafkaConfig {
     pub transaction_timeout: Duration,
     /// Internal topics are `<prefix>-exchange`, `-changelog` and `-trending`; default
     /// `riffle-<name>`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_topic_prefix: Option<String>,
     /// Replication factor of internal topics (-1: the broker's default).
     #[serde(default = "default_replication")]
@@ -554,9 +554,9 @@ impl KafkaConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint override (MinIO and other S3-compatible stores), e.g. `http://127.0.0.1:9000`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`), which MinIO needs.
     #[serde(default)]
@@ -585,7 +585,7 @@ pub struct JobConfig {
     /// Where checkpoints go: `file:///abs/path` or `s3://bucket/prefix`.
     pub checkpoint_store: String,
     /// Where savepoints go; default `<checkpointStore>/savepoints`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub savepoint_store: Option<String>,
     /// Local mode: time between checkpoints (the commit point of the file sink).
     /// Distributed mode: time between state snapshots uploaded to the store; commits happen
@@ -600,10 +600,10 @@ pub struct JobConfig {
     /// Upper bound of records per micro-batch (latency vs. per-batch overhead).
     #[serde(default = "default_max_batch")]
     pub max_batch_size: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,
     /// The Kafka cluster (required by Kafka sources and sinks).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaConfig>,
     /// S3 endpoint settings for `s3://` stores.
     #[serde(default)]

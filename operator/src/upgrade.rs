@@ -217,6 +217,8 @@ pub struct Decision {
     pub phase: Phase,
     /// Degraded and why (a failed savepoint, a rollback, a failing generation).
     pub degraded: Option<String>,
+    /// A CamelCase reason for `degraded` (the Degraded condition's reason).
+    pub degraded_reason: &'static str,
     /// Look again after this long even if nothing changes (deadlines, retries).
     pub requeue_ms: i64,
 }
@@ -236,6 +238,7 @@ pub fn decide(desired: &Desired, record: &Record, obs: &Observed) -> Decision {
         actions: Vec::new(),
         phase: Phase::Running,
         degraded: None,
+        degraded_reason: "",
         requeue_ms: STEADY_MS,
     };
     match record.journal.clone() {
@@ -291,6 +294,7 @@ fn steady(desired: &Desired, obs: &Observed, d: &mut Decision) {
     if d.record.rolled_back.as_ref() == Some(&wanted) {
         // The desired spec was rolled back: keep the stable one until the spec changes.
         running(desired, dep, obs, d);
+        d.degraded_reason = "RolledBack";
         d.degraded = Some(format!(
             "spec {} was rolled back (not ready in time); change the spec or restartNonce \
              to try again",
@@ -320,6 +324,7 @@ fn running(desired: &Desired, dep: Deployment, obs: &Observed, d: &mut Decision)
         d.phase = Phase::Pending;
         d.requeue_ms = POLL_MS;
         if pods.failing {
+            d.degraded_reason = "PodsFailing";
             d.degraded = Some(format!(
                 "generation {} has failing pods ({} of {} ready)",
                 dep.generation, pods.ready, pods.desired
@@ -351,6 +356,7 @@ fn running(desired: &Desired, dep: Deployment, obs: &Observed, d: &mut Decision)
                 // On-demand savepoints are not retried: the user triggers again.
                 d.record.pending_savepoint = None;
                 d.record.savepoint_trigger_nonce = desired.savepoint_trigger_nonce;
+                d.degraded_reason = "SavepointFailed";
                 d.degraded = Some(format!("savepoint {id} failed: {reason}"));
                 d.actions.push(event(
                     true,
@@ -441,6 +447,7 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
             if let Some(at) = j.retry_at_ms {
                 if obs.now_ms < at {
                     d.requeue_ms = at - obs.now_ms;
+                    d.degraded_reason = "SavepointFailed";
                     d.degraded = Some(format!(
                         "savepoint attempt {} failed; retrying in {} s",
                         j.attempts,
@@ -482,6 +489,7 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
                     j.attempts += 1;
                     let wait = savepoint_backoff_ms(j.attempts);
                     j.retry_at_ms = Some(obs.now_ms + wait);
+                    d.degraded_reason = "SavepointFailed";
                     d.degraded = Some(format!(
                         "savepoint for {:?} failed (attempt {}): {reason}; the running \
                          generation keeps running, retry in {} s",
@@ -542,6 +550,7 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
             if pods.desired > 0 && pods.ready >= pods.desired {
                 d.record.last_stable = Some(dep.clone());
                 if j.purpose == Purpose::Rollback {
+                    d.degraded_reason = "RolledBack";
                     d.degraded = Some(format!(
                         "spec {} was rolled back to {}",
                         j.from_hash.as_deref().unwrap_or("?"),
@@ -586,10 +595,12 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
                 // Nothing better to return to (or the rollback itself failed): keep what
                 // runs, say why, and wait for a new spec.
                 if !timed_out {
+                    d.degraded_reason = "PodsFailing";
                     d.degraded = Some(why);
                     d.record.journal = Some(j);
                     return;
                 }
+                d.degraded_reason = "ReadinessTimeout";
                 d.degraded = Some(why.clone());
                 d.phase = Phase::Failed;
                 d.record.journal = None;
@@ -597,6 +608,7 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
                 return;
             }
             // Roll back: the same restore point, the last stable spec.
+            d.degraded_reason = "RollingBack";
             d.degraded = Some(format!("{why}; rolling back to the last stable spec"));
             d.actions
                 .push(event(true, "RollingBack", d.degraded.clone().unwrap()));

@@ -278,7 +278,8 @@ pub enum StartMode {
 /// What the caller asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RestoreRequest {
-    /// Fresh state (`--restore none`).
+    /// Fresh state on the generation's first start, committed state on later starts
+    /// (`--restore none`).
     None,
     /// Committed state if there is any, else fresh (`--restore latest`, the default).
     Latest,
@@ -321,6 +322,8 @@ pub fn plan_start(
         )));
     }
     Ok(match request {
+        // A fresh generation's later starts (a restarted worker) resume what it committed.
+        RestoreRequest::None if this_gen > 0 => StartMode::Committed,
         RestoreRequest::None => StartMode::Fresh,
         RestoreRequest::Latest if metas.is_empty() => StartMode::Fresh,
         RestoreRequest::Latest => StartMode::Committed,
@@ -515,7 +518,9 @@ mod tests {
         let g1 = vec![Some(meta(1, 2)), Some(meta(1, 2))];
         assert_eq!(plan_start(1, 2, &R::Latest, &none).unwrap(), M::Fresh);
         assert_eq!(plan_start(1, 2, &R::Latest, &g1).unwrap(), M::Committed);
-        assert_eq!(plan_start(1, 2, &R::None, &g1).unwrap(), M::Fresh);
+        assert_eq!(plan_start(2, 2, &R::None, &g1).unwrap(), M::Fresh);
+        // ... and a restarted worker of that fresh generation resumes its own commits.
+        assert_eq!(plan_start(1, 2, &R::None, &g1).unwrap(), M::Committed);
         // lastState rescale: generation 2 with 3 workers restores generation 1's state.
         assert_eq!(plan_start(2, 3, &R::Latest, &g1).unwrap(), M::Committed);
         // A savepoint restore is the first start of its generation, later starts resume.

@@ -293,7 +293,8 @@ pub enum UploadDone {
         manifest: Box<PartManifest>,
         stats: UploadStats,
         /// URL of the savepoint part's manifest, when one was asked for.
-        savepoint_part: Option<std::result::Result<String, String>>,
+        /// The savepoint (id) this part was also copied for, and the copy's location.
+        savepoint_part: Option<(String, std::result::Result<String, String>)>,
     },
     Gc(std::result::Result<GcStats, String>),
 }
@@ -386,6 +387,7 @@ fn run_uploader(
                 let url = cfg.checkpoints.location(&key);
                 let savepoint_part = savepoint.map(|id| {
                     let started = Instant::now();
+                    let id_for_answer = id.clone();
                     let attempt = || {
                         copy_to_savepoint(
                             cfg.checkpoints.as_ref(),
@@ -398,7 +400,7 @@ fn run_uploader(
                         .map(|k| cfg.savepoints.location(&k))
                     };
                     // A savepoint is awaited by its caller: retry for a bounded time.
-                    loop {
+                    let copied = loop {
                         match attempt() {
                             Ok(url) => break Ok(url),
                             Err(e) if started.elapsed() < Duration::from_secs(90) => {
@@ -407,7 +409,8 @@ fn run_uploader(
                             }
                             Err(e) => break Err(e.to_string()),
                         }
-                    }
+                    };
+                    (id_for_answer, copied)
                 });
                 let _ = std::fs::remove_dir_all(&local.dir);
                 busy.store(false, std::sync::atomic::Ordering::SeqCst);

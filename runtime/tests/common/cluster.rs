@@ -322,6 +322,40 @@ pub struct JobSpec {
     pub dataflow: &'static str,
 }
 
+/// A job's input and output topics, for the verifier.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub bed: Bed,
+    pub input: String,
+    pub recs: String,
+    pub stats: String,
+    pub late: String,
+    pub dlq: String,
+}
+
+impl Topics {
+    /// `<name>-in` with `input_partitions` partitions, and the four outputs.
+    pub fn create(bed: &Bed, name: &str, input_partitions: i32) -> Self {
+        let t = |s: &str| format!("{name}-{s}");
+        let topics = Self {
+            bed: bed.clone(),
+            input: t("in"),
+            recs: t("recs"),
+            stats: t("stats"),
+            late: t("late"),
+            dlq: t("dlq"),
+        };
+        bed.create_topics(&[
+            (&topics.input, input_partitions),
+            (&topics.recs, 4),
+            (&topics.stats, 4),
+            (&topics.late, 1),
+            (&topics.dlq, 1),
+        ]);
+        topics
+    }
+}
+
 /// One distributed job: its topics, store prefix, config file and worker processes.
 pub struct Job {
     pub bed: Bed,
@@ -351,15 +385,14 @@ pub struct Worker {
 impl Job {
     pub fn new(bed: &Bed, dir: &Path, prefix: &str, spec: &JobSpec) -> Self {
         let name = unique(prefix);
-        let t = |s: &str| format!("{name}-{s}");
-        let (input, recs, stats, late, dlq) = (t("in"), t("recs"), t("stats"), t("late"), t("dlq"));
-        bed.create_topics(&[
-            (&input, spec.input_partitions),
-            (&recs, 4),
-            (&stats, 4),
-            (&late, 1),
-            (&dlq, 1),
-        ]);
+        let Topics {
+            input,
+            recs,
+            stats,
+            late,
+            dlq,
+            ..
+        } = Topics::create(bed, &name, spec.input_partitions);
         let store = format!("s3://{}/{name}", bed.bucket);
         let config = dir.join(format!("{name}.yaml"));
         std::fs::write(
@@ -401,6 +434,17 @@ dataflow: {df}
             workers: Vec::new(),
             generation: 0,
             restarts: 0,
+        }
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics {
+            bed: self.bed.clone(),
+            input: self.input.clone(),
+            recs: self.recs.clone(),
+            stats: self.stats.clone(),
+            late: self.late.clone(),
+            dlq: self.dlq.clone(),
         }
     }
 
@@ -614,7 +658,7 @@ pub fn try_http(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16
 /// Exactly-once checks on the outputs of a job whose input was `events` (valid, by eventId)
 /// plus `poison` malformed records (each with a distinct payload).
 pub fn verify_exactly_once(
-    job: &Job,
+    job: &Topics,
     valid_event_ids: &HashSet<String>,
     poison: &HashSet<String>,
 ) -> Vec<Record> {

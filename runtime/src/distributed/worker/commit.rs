@@ -299,8 +299,8 @@ impl Worker {
                         .store(stats.uploaded_bytes, Relaxed);
                     m.checkpoint_size_bytes.store(stats.total_bytes, Relaxed);
                     tracing::info!(part = %url, uploaded_bytes = stats.uploaded_bytes, size_bytes = stats.total_bytes, duration_ms = stats.duration_ms, "checkpoint part uploaded");
-                    if let Some(sp) = savepoint_part {
-                        self.finish_savepoint(sp)?;
+                    if let Some((id, sp)) = savepoint_part {
+                        self.finish_savepoint(&id, sp)?;
                     }
                 }
                 UploadDone::Gc(r) => match r {

@@ -938,8 +938,8 @@ impl Worker {
         self.dirty = true;
     }
 
-    /// A partition is idle after `idleTimeout` of silence while it could be read: during a
-    /// broker outage every partition is silent, and calling them idle would let the first one
+    /// A partition is idle after `idleTimeout` of silence while it could be read and is not
+    /// paused: during a broker outage every partition is silent, and calling them idle would let the first one
     /// back push the watermark past the others' data.
     fn check_idle(&mut self) {
         if self.last_idle_check.elapsed() < Duration::from_millis(100) {
@@ -954,10 +954,12 @@ impl Worker {
                 .get(&(inp.name.clone(), inp.partition))
                 .is_some_and(|s| s.readable_now());
             let idle = self.tracker.partitions()[i].idle;
-            if !readable {
+            // A paused input (a savepoint in progress) is silent because it is not read: not
+            // idle, whatever the timeout.
+            if !readable || self.paused {
                 inp.silent_since = Instant::now();
                 if idle {
-                    tracing::info!(topic = %inp.name, partition = inp.partition, "partition not readable: holds the watermark again");
+                    tracing::info!(topic = %inp.name, partition = inp.partition, "partition not readable (or paused): holds the watermark again");
                     self.tracker.set_idle(i as u32, false);
                     changed = true;
                 }

@@ -86,11 +86,21 @@ impl Worker {
             return Ok(());
         };
         let (id, phase, stop) = (run.id.clone(), run.phase, run.stop);
-        if phase < 3 && run.started.elapsed() > SAVEPOINT_TIMEOUT {
-            let msg = format!(
-                "savepoint {id}: not every worker's barrier arrived within {}s",
-                SAVEPOINT_TIMEOUT.as_secs()
-            );
+        if run.started.elapsed() > SAVEPOINT_TIMEOUT {
+            // The job resumes (even a stop request): a savepoint that cannot finish must not
+            // leave the job paused. A part still uploading completes as a plain checkpoint.
+            let msg = if phase < 3 {
+                format!(
+                    "savepoint {id}: not every worker's barrier arrived within {}s",
+                    SAVEPOINT_TIMEOUT.as_secs()
+                )
+            } else {
+                format!(
+                    "savepoint {id}: this worker's part was not stored within {}s (is the \
+                     object store reachable?)",
+                    SAVEPOINT_TIMEOUT.as_secs()
+                )
+            };
             tracing::warn!(savepoint = %id, "{msg}");
             self.end_savepoint(Err(msg), false)?;
             return Ok(());
@@ -124,9 +134,13 @@ impl Worker {
 
     pub(super) fn finish_savepoint(
         &mut self,
+        id: &str,
         part: std::result::Result<String, String>,
     ) -> Result<()> {
-        let Some(run) = &self.savepoint else {
+        let Some(run) = self.savepoint.as_ref().filter(|run| run.id == id) else {
+            // A savepoint that timed out (or another one): its part is a checkpoint like any
+            // other, and its copy is left unreferenced.
+            tracing::info!(savepoint = %id, "part of a savepoint that is no longer in progress");
             return Ok(());
         };
         let part = match part {

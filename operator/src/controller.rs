@@ -1,0 +1,795 @@
+//! The reconciler: observe the cluster, let [`upgrade::decide`] choose, persist its record in
+//! the status, then act. The status is written before any action (with the resourceVersion
+//! read at the start, so a stale or second writer gets 409 and starts over), which makes every
+//! step resumable: an operator killed between the write and the actions repeats idempotent
+//! actions, one killed before the write decides again from the same record.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::crd::{
+    Condition, JobState, SavepointInfo, StreamJob, StreamJobSpec, StreamJobStatus, WorkerReport,
+};
+use crate::metrics::Metrics;
+use crate::render::{self, ANNOTATION_PAUSE, ANNOTATION_WORKERS, LABEL_GENERATION, LABEL_JOB};
+use crate::savepoints::{SavepointStore, Tracker};
+use crate::upgrade::{
+    self, Action as Step, Decision, Deployment, Desired, Observed, Phase, Pods, Record,
+    SavepointOutcome,
+};
+use crate::workers::WorkerApi;
+use crate::Error;
+
+/// The one field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "riffle-operator";
+/// Held while the operator owns cleanup of a job.
+pub const FINALIZER: &str = "riffle.dev/cleanup";
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub workers: Arc<dyn WorkerApi>,
+    pub store: Arc<dyn SavepointStore>,
+    pub tracker: Tracker,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        workers: Arc<dyn WorkerApi>,
+        store: Arc<dyn SavepointStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            workers,
+            store,
+            tracker: Tracker::default(),
+            metrics,
+        }
+    }
+}
+
+/// Run the controller until shutdown: StreamJobs (in `namespace`, or all) and the pods they
+/// own. Only changes of spec, annotations, deletion and finalizers trigger a reconcile, not
+/// the operator's own status writes; timers (from the decision) and pod events do the rest.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (jobs, pods): (Api<StreamJob>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(jobs, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(trigger_key, Default::default());
+    Controller::for_stream(trigger, reader)
+        .owns(pods, watcher::Config::default().labels(LABEL_JOB))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}
+
+/// What, in a StreamJob, asks for a reconcile.
+fn trigger_key(sj: &StreamJob) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    predicates::generation(sj).hash(&mut h);
+    sj.annotations().get(ANNOTATION_PAUSE).hash(&mut h);
+    sj.metadata.deletion_timestamp.is_some().hash(&mut h);
+    sj.finalizers().hash(&mut h);
+    Some(h.finish())
+}
+
+pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let ns = sj.namespace().unwrap_or_default();
+    let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, sj, |event| async {
+        match event {
+            Finalizer::Apply(sj) => apply(&sj, &ctx).await,
+            Finalizer::Cleanup(sj) => cleanup(&sj, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    result
+}
+
+pub fn error_policy(sj: Arc<StreamJob>, error: &Error, _ctx: Arc<Context>) -> Action {
+    let wait = match error.api_code() {
+        // Someone wrote the object since we read it: read again at once.
+        Some(409) => Duration::from_millis(500),
+        Some(429) => Duration::from_secs(5),
+        _ => Duration::from_secs(3),
+    };
+    tracing::warn!(job = %sj.name_any(), error = %error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// The pods of a job, by generation.
+struct Observation {
+    generations: BTreeMap<u32, Pods>,
+    pods: BTreeMap<u32, Vec<Pod>>,
+}
+
+fn observe(pods: Vec<Pod>) -> Observation {
+    let mut o = Observation {
+        generations: BTreeMap::new(),
+        pods: BTreeMap::new(),
+    };
+    for pod in pods {
+        let Some(generation) = pod
+            .labels()
+            .get(LABEL_GENERATION)
+            .and_then(|g| g.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let desired = pod
+            .annotations()
+            .get(ANNOTATION_WORKERS)
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(1);
+        let entry = o.generations.entry(generation).or_default();
+        entry.existing += 1;
+        entry.desired = desired;
+        if is_ready(&pod) && pod.metadata.deletion_timestamp.is_none() {
+            entry.ready += 1;
+        }
+        entry.failing |= is_failing(&pod);
+        o.pods.entry(generation).or_default().push(pod);
+    }
+    o
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A pod that will not become ready by waiting: an image that cannot be had, a command
+/// that cannot start, a crash loop, or a pod that has ended.
+fn is_failing(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    if status.phase.as_deref() == Some("Failed") {
+        return true;
+    }
+    status.container_statuses.iter().flatten().any(|c| {
+        c.state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref())
+            .is_some_and(|r| {
+                matches!(
+                    r,
+                    "ErrImagePull"
+                        | "ImagePullBackOff"
+                        | "InvalidImageName"
+                        | "CrashLoopBackOff"
+                        | "CreateContainerConfigError"
+                        | "CreateContainerError"
+                        | "RunContainerError"
+                )
+            })
+    })
+}
+
+fn pod_addr(pod: &Pod) -> Option<SocketAddr> {
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+    Some(SocketAddr::new(ip, render::HTTP_PORT))
+}
+
+fn restarts(pods: &[Pod]) -> u32 {
+    pods.iter()
+        .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
+        .flatten()
+        .map(|c| c.restart_count.max(0) as u32)
+        .sum()
+}
+
+fn desired(spec: &StreamJobSpec) -> Desired {
+    Desired {
+        spec_hash: render::spec_hash(spec),
+        running: spec.state == JobState::Running,
+        upgrade_mode: spec.upgrade_mode,
+        restart_nonce: spec.restart_nonce,
+        savepoint_trigger_nonce: spec.savepoint_trigger_nonce,
+        initial_savepoint: spec.initial_savepoint_path.clone(),
+        readiness_timeout_ms: spec.readiness_timeout.0,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The savepoint the record waits for, if any (a transition's, else an on-demand one).
+fn awaited_savepoint(record: &Record) -> Option<String> {
+    match &record.journal {
+        Some(j) if j.step == upgrade::Step::Savepointing && j.retry_at_ms.is_none() => {
+            j.savepoint_id.clone()
+        }
+        Some(_) => None,
+        None => record.pending_savepoint.clone(),
+    }
+}
+
+async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
+    let ns = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
+    // Decide on the newest record, not a possibly lagging cache: the record is the memory of
+    // the state machine.
+    let Some(sj) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    if sj.annotations().get(ANNOTATION_PAUSE).map(String::as_str) == Some("true") {
+        tracing::info!(job = %name, "reconciliation paused by annotation");
+        return Ok(Action::await_change());
+    }
+    let status = sj.status.clone().unwrap_or_default();
+    let uid = sj.uid().unwrap_or_default();
+
+    // A spec the runtime would refuse never reaches a pod: say why in the status, keep what
+    // runs.
+    if let Err(e) = render::job_config(&sj, &sj.spec) {
+        let mut next = status.clone();
+        next.observed_generation = sj.metadata.generation;
+        next.last_error = Some(e.to_string());
+        set_condition(
+            &mut next,
+            "Degraded",
+            true,
+            "InvalidSpec",
+            &e.to_string(),
+            sj.metadata.generation,
+        );
+        if next != status {
+            write_status(&api, &sj, next).await?;
+            publish(ctx, &sj, true, "InvalidSpec", e.to_string()).await;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let service = render::service(&sj);
+    Api::<Service>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &render::service_name(&name),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&service),
+        )
+        .await?;
+
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&render::selector(&sj)))
+        .await?
+        .items;
+    let observation = observe(pods);
+    let record = status.lifecycle.clone().unwrap_or_default();
+    let desired = desired(&sj.spec);
+    let store_url = render::savepoint_store(&sj.spec);
+    let s3 = sj.spec.storage.s3.clone();
+    let savepoint = match awaited_savepoint(&record) {
+        Some(id) => {
+            let wire = render::wire_savepoint_id(&sj, &id);
+            let location = format!("{}/{wire}", store_url.trim_end_matches('/'));
+            ctx.tracker
+                .outcome(&ctx.store, &uid, &wire, location, s3.clone())
+                .await
+        }
+        None => SavepointOutcome::NotRequested,
+    };
+    let obs = Observed {
+        now_ms: now_ms(),
+        generations: observation.generations.clone(),
+        savepoint,
+    };
+    let decision = upgrade::decide(&desired, &record, &obs);
+
+    let report = worker_report(ctx, &decision.record, &observation).await;
+    let next = next_status(&sj, &status, &decision, &observation, report);
+    let next = retain_savepoints(ctx, &sj, next).await;
+    if next != status {
+        write_status(&api, &sj, next.clone()).await?;
+    }
+    // The record is persisted: act.
+    for action in &decision.actions {
+        act(ctx, &sj, &next, &observation, action).await?;
+    }
+    // Answers the record no longer waits for are not needed again.
+    let keep: Vec<String> = awaited_savepoint(&decision.record)
+        .map(|id| render::wire_savepoint_id(&sj, &id))
+        .into_iter()
+        .collect();
+    ctx.tracker
+        .forget(&uid, &keep.iter().map(String::as_str).collect::<Vec<_>>());
+    // Worker figures refresh every 10 s in steady state.
+    let requeue = decision.requeue_ms.clamp(200, 10_000);
+    Ok(Action::requeue(Duration::from_millis(requeue as u64)))
+}
+
+async fn write_status(
+    api: &Api<StreamJob>,
+    sj: &StreamJob,
+    status: StreamJobStatus,
+) -> Result<(), Error> {
+    let mut obj = sj.clone();
+    obj.status = Some(status);
+    // `replace_status` carries the resourceVersion read at the start: a concurrent writer
+    // (or a deposed leader) gets 409 Conflict instead of overwriting a newer record.
+    api.replace_status(
+        &sj.name_any(),
+        &PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        },
+        &obj,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The workers' own figures, from the ready pods of the deployed generation.
+async fn worker_report(ctx: &Context, record: &Record, o: &Observation) -> Option<WorkerReport> {
+    let dep = record.deployed.as_ref()?;
+    let pods = o.pods.get(&dep.generation)?;
+    let mut report = WorkerReport {
+        generation: dep.generation,
+        ..Default::default()
+    };
+    let calls: Vec<_> = pods
+        .iter()
+        .filter(|p| is_ready(p))
+        .filter_map(pod_addr)
+        .map(|addr| ctx.workers.metrics(addr))
+        .collect();
+    for m in futures::future::join_all(calls).await.into_iter().flatten() {
+        report.ready += u32::from(m.ready);
+        report.lag += m.lag.max(0);
+        report.events_per_second += m.events_per_second;
+        report.watermark = match (report.watermark, m.watermark) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if m.last_checkpoint_id > 0 {
+            let c = m.last_checkpoint_id as i64;
+            report.last_checkpoint = Some(report.last_checkpoint.map_or(c, |l| l.min(c)));
+        }
+    }
+    Some(report)
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Pending => "Pending",
+        Phase::Running => "Running",
+        Phase::Upgrading => "Upgrading",
+        Phase::RollingBack => "RollingBack",
+        Phase::Suspending => "Suspending",
+        Phase::Suspended => "Suspended",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn next_status(
+    sj: &StreamJob,
+    prev: &StreamJobStatus,
+    d: &Decision,
+    o: &Observation,
+    workers: Option<WorkerReport>,
+) -> StreamJobStatus {
+    let mut s = prev.clone();
+    let generation = sj.metadata.generation;
+    s.phase = Some(phase_name(d.phase).into());
+    s.observed_generation = generation;
+    s.selector = Some(render::selector(sj));
+    let deployed = d.record.deployed.as_ref().map(|dep| dep.generation);
+    s.parallelism = deployed
+        .and_then(|g| o.generations.get(&g))
+        .map_or(0, |p| p.existing);
+    s.restarts = deployed
+        .and_then(|g| o.pods.get(&g))
+        .map_or(0, |p| restarts(p));
+    s.workers = workers;
+    // The spec a rollback returns to: remembered when its generation becomes stable.
+    if let Some(stable) = &d.record.last_stable {
+        if stable.spec_hash == render::spec_hash(&sj.spec)
+            && prev.lifecycle.as_ref().and_then(|r| r.last_stable.as_ref()) != Some(stable)
+        {
+            s.last_stable_spec = serde_json::to_string(&sj.spec).ok();
+        }
+    }
+    if d.record.last_savepoint
+        != prev
+            .lifecycle
+            .as_ref()
+            .and_then(|r| r.last_savepoint.clone())
+    {
+        if let Some(location) = &d.record.last_savepoint {
+            let trigger = match d.record.journal.as_ref().map(|j| j.purpose) {
+                Some(p) => format!("{p:?}"),
+                None => "Manual".into(),
+            };
+            let info = SavepointInfo {
+                location: location.clone(),
+                trigger,
+                time: now_rfc3339(),
+            };
+            s.last_savepoint = Some(info.clone());
+            s.savepoints.retain(|i| i.location != info.location);
+            s.savepoints.insert(0, info);
+        }
+    }
+    s.lifecycle = Some(d.record.clone());
+    s.last_error = d.degraded.clone().or_else(|| {
+        // A cleared degradation keeps its message until a later success replaces it.
+        prev.last_error.clone().filter(|_| false)
+    });
+    let ready_pods = deployed
+        .and_then(|g| o.generations.get(&g))
+        .is_some_and(|p| p.desired > 0 && p.ready >= p.desired);
+    let ready = d.phase == Phase::Running && ready_pods;
+    let (ready_reason, ready_msg) = match (d.phase, ready_pods) {
+        (Phase::Running, true) => (
+            "Running",
+            "every worker of the running generation is ready".to_string(),
+        ),
+        (Phase::Suspended, _) => ("Suspended", "the job is suspended".to_string()),
+        (p, _) => (phase_name(p), format!("phase {}", phase_name(p))),
+    };
+    set_condition(&mut s, "Ready", ready, ready_reason, &ready_msg, generation);
+    let progressing = matches!(
+        d.phase,
+        Phase::Pending | Phase::Upgrading | Phase::RollingBack | Phase::Suspending
+    );
+    let step = d
+        .record
+        .journal
+        .as_ref()
+        .map(|j| format!("{:?} at step {:?}", j.purpose, j.step))
+        .unwrap_or_else(|| phase_name(d.phase).to_string());
+    set_condition(
+        &mut s,
+        "Progressing",
+        progressing,
+        if progressing {
+            phase_name(d.phase)
+        } else {
+            "Stable"
+        },
+        &step,
+        generation,
+    );
+    match &d.degraded {
+        Some(msg) => set_condition(&mut s, "Degraded", true, d.degraded_reason, msg, generation),
+        None => set_condition(
+            &mut s,
+            "Degraded",
+            false,
+            "Healthy",
+            "no failures",
+            generation,
+        ),
+    }
+    s
+}
+
+/// Set a condition; its transition time moves only when its status does.
+fn set_condition(
+    s: &mut StreamJobStatus,
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let status = if on { "True" } else { "False" };
+    let reason = if reason.is_empty() { "Unknown" } else { reason };
+    let time = match s.conditions.iter().find(|c| c.type_ == type_) {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now_rfc3339(),
+    };
+    s.conditions.retain(|c| c.type_ != type_);
+    s.conditions.push(Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: time,
+        observed_generation: generation,
+    });
+    s.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+/// Keep `savepointRetention.maxCount` savepoints: older ones are deleted from the store
+/// (never one a deployment restores from). A failed deletion keeps the entry for next time.
+async fn retain_savepoints(
+    ctx: &Context,
+    sj: &StreamJob,
+    mut s: StreamJobStatus,
+) -> StreamJobStatus {
+    let max = sj.spec.savepoint_retention.max_count.max(1) as usize;
+    if s.savepoints.len() <= max {
+        return s;
+    }
+    let pinned = pinned_savepoints(s.lifecycle.as_ref());
+    let mut kept = Vec::new();
+    for (i, info) in s.savepoints.drain(..).enumerate() {
+        if i < max || pinned.contains(&info.location) {
+            kept.push(info);
+            continue;
+        }
+        match ctx
+            .store
+            .dispose(info.location.clone(), sj.spec.storage.s3.clone())
+            .await
+        {
+            Ok(n) => tracing::info!(location = %info.location, objects = n, "disposed savepoint"),
+            Err(e) => {
+                tracing::warn!(location = %info.location, error = %e, "disposing savepoint failed");
+                kept.push(info);
+            }
+        }
+    }
+    s.savepoints = kept;
+    s
+}
+
+fn pinned_savepoints(record: Option<&Record>) -> Vec<String> {
+    use upgrade::Restore;
+    let Some(r) = record else { return Vec::new() };
+    let mut restores: Vec<&Restore> = Vec::new();
+    restores.extend(r.deployed.as_ref().map(|d| &d.restored_from));
+    restores.extend(r.last_stable.as_ref().map(|d| &d.restored_from));
+    restores.extend(r.suspended_at.as_ref());
+    restores.extend(r.journal.as_ref().and_then(|j| j.restore.as_ref()));
+    restores
+        .into_iter()
+        .filter_map(|r| match r {
+            Restore::Savepoint(l) => Some(l.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The spec a deployment was made from: the current one, or the remembered stable one on a
+/// rollback.
+fn spec_for(
+    sj: &StreamJob,
+    status: &StreamJobStatus,
+    dep: &Deployment,
+) -> Result<StreamJobSpec, Error> {
+    if render::spec_hash(&sj.spec) == dep.spec_hash {
+        return Ok(sj.spec.clone());
+    }
+    status
+        .last_stable_spec
+        .as_deref()
+        .and_then(|json| serde_json::from_str::<StreamJobSpec>(json).ok())
+        .filter(|spec| render::spec_hash(spec) == dep.spec_hash)
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "generation {} needs spec {}, which is neither the current nor the last stable one",
+                dep.generation, dep.spec_hash
+            ))
+        })
+}
+
+async fn act(
+    ctx: &Context,
+    sj: &StreamJob,
+    status: &StreamJobStatus,
+    o: &Observation,
+    action: &Step,
+) -> Result<(), Error> {
+    let ns = sj.namespace().unwrap_or_default();
+    let name = sj.name_any();
+    match action {
+        Step::Event {
+            warning,
+            reason,
+            message,
+        } => {
+            publish(ctx, sj, *warning, reason, message.clone()).await;
+        }
+        Step::RequestSavepoint {
+            generation,
+            id,
+            stop,
+        } => {
+            let wire = render::wire_savepoint_id(sj, id);
+            let uid = sj.uid().unwrap_or_default();
+            // Any worker will do (the others join through the exchange); the first ready one.
+            let mut pods: Vec<&Pod> = o
+                .pods
+                .get(generation)
+                .into_iter()
+                .flatten()
+                .filter(|p| is_ready(p))
+                .collect();
+            pods.sort_by_key(|p| p.name_any());
+            match pods.first().and_then(|p| pod_addr(p)) {
+                Some(addr) => {
+                    tracing::info!(job = %name, savepoint = %wire, %addr, stop, "requesting savepoint");
+                    ctx.tracker.request(&ctx.workers, &uid, addr, &wire, *stop);
+                }
+                None => ctx.tracker.fail(
+                    &uid,
+                    &wire,
+                    format!("no ready worker of generation {generation} to take it"),
+                ),
+            }
+        }
+        Step::DeleteGeneration(generation) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            for pod in o.pods.get(generation).into_iter().flatten() {
+                if pod.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+            match cms
+                .delete(
+                    &render::config_map_name(&name, *generation),
+                    &DeleteParams::default(),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(job = %name, generation, "deleting generation");
+        }
+        Step::StartGeneration(dep) => {
+            let spec = spec_for(sj, status, dep)?;
+            let cfg = render::job_config(sj, &spec)?;
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let cm = render::config_map(sj, &cfg, dep.generation)?;
+            Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+                .patch(
+                    &render::config_map_name(&name, dep.generation),
+                    &params,
+                    &Patch::Apply(&cm),
+                )
+                .await?;
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            for index in 0..spec.parallelism {
+                let pod_name = render::pod_name(&name, dep.generation, index);
+                if o.pods
+                    .get(&dep.generation)
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p.name_any() == pod_name)
+                {
+                    continue; // pods are immutable: one that exists stays as it is
+                }
+                let pod = render::worker_pod(sj, &spec, dep, index);
+                pods.patch(&pod_name, &params, &Patch::Apply(&pod)).await?;
+            }
+            tracing::info!(job = %name, generation = dep.generation, workers = spec.parallelism, restore = ?dep.restored_from, "started generation");
+        }
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, sj: &StreamJob, warning: bool, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &sj.object_ref(&())).await {
+        tracing::warn!(job = %sj.name_any(), error = %e, "publishing an event failed");
+    }
+}
+
+/// Deletion: stop the workers, dispose of the savepoints if asked, then let the finalizer go.
+/// Idempotent: every step tolerates what an earlier attempt already did.
+async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
+    let ns = sj.namespace().unwrap_or_default();
+    let name = sj.name_any();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let lp = ListParams::default().labels(&render::selector(sj));
+    for pod in pods.list(&lp).await?.items {
+        if pod.metadata.deletion_timestamp.is_none() {
+            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let status = sj.status.clone().unwrap_or_default();
+    if sj.spec.savepoint_retention.dispose_on_delete {
+        let mut locations: Vec<String> = status
+            .savepoints
+            .iter()
+            .map(|s| s.location.clone())
+            .collect();
+        locations.extend(status.last_savepoint.iter().map(|s| s.location.clone()));
+        locations.sort();
+        locations.dedup();
+        for location in locations {
+            ctx.store
+                .dispose(location.clone(), sj.spec.storage.s3.clone())
+                .await
+                .map_err(|e| Error::InvalidSpec(format!("disposing savepoint {location}: {e}")))?;
+        }
+    }
+    ctx.tracker.forget_job(&sj.uid().unwrap_or_default());
+    publish(
+        ctx,
+        sj,
+        false,
+        "Deleted",
+        format!(
+            "workers of {name} stopped; savepoints {}",
+            if sj.spec.savepoint_retention.dispose_on_delete {
+                "disposed"
+            } else {
+                "kept"
+            }
+        ),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Now, as RFC 3339 UTC (condition and savepoint times).
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map_or_else(
+            |_| k8s_openapi::jiff::Timestamp::now().to_string(),
+            |t| t.to_string(),
+        )
+}

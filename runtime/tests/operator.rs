@@ -1,0 +1,703 @@
+//! The operator end to end on the test bed: the real API server, scheduler and node agent run
+//! the worker pods the operator creates, against the real Kafka and MinIO. The operator runs
+//! as local processes (two replicas where leadership matters), watching only the test's
+//! namespace. Exactly-once is checked by the `read_committed` verifier and ItemStats against
+//! the independent reference, across every lifecycle step the scenario drives.
+
+mod common;
+mod reference;
+#[path = "common/scenario.rs"]
+mod scenario;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::cluster::{unique, verify_exactly_once, Bed, Topics};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, CustomResourceExt, ResourceExt};
+use riffle_e2e::testenv::{binary, TestEnv};
+use riffle_operator::crd::StreamJob;
+use scenario::{assert_item_stats_match_reference, input, produce_in_background, Input};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// One scenario at a time: they share two cores, and one stops the shared MinIO.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const KEY_GROUPS: i32 = 8;
+
+async fn install_crd(env: &TestEnv) {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let crd = StreamJob::crd();
+    let name = crd.metadata.name.clone().unwrap();
+    crds.patch(
+        &name,
+        &PatchParams::apply("riffle-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("install the CRD");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established within 60 s")
+    .unwrap();
+}
+
+/// A test's world: node agent and namespace, topics, the S3 Secret, operator replicas.
+struct World {
+    env: TestEnv,
+    bed: Bed,
+    topics: Topics,
+    name: String,
+    operators: BTreeMap<String, Child>,
+    logs: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(test: &str) -> Self {
+        let bed = Bed::from_env();
+        let env = TestEnv::start(test).await;
+        install_crd(&env).await;
+        let name = unique("sj").replace('_', "-");
+        let topics = tokio::task::block_in_place(|| Topics::create(&bed, &name, KEY_GROUPS));
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "riffle-s3"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+                "AWS_SECRET_ACCESS_KEY": std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+            }
+        }))
+        .unwrap();
+        env.api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        Self {
+            logs: tmp.path().to_path_buf(),
+            env,
+            bed,
+            topics,
+            name: "recs".into(),
+            operators: BTreeMap::new(),
+            _tmp: tmp,
+        }
+    }
+
+    /// Start an operator replica named `id` (leader election through a Lease in the test's
+    /// namespace, short timings so a takeover is quick).
+    fn start_operator(&mut self, id: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("operator-{id}.log")))
+            .unwrap();
+        let child = Command::new(binary("riffle-operator"))
+            .args([
+                "--namespace",
+                &self.env.ns,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--lease-namespace",
+                &self.env.ns,
+                "--identity",
+                id,
+                "--lease-duration",
+                "6",
+                "--renew-deadline",
+                "4",
+                "--retry-period",
+                "1",
+            ])
+            .env_clear()
+            .env("KUBECONFIG", &self.env.kubeconfig)
+            .env("RUST_LOG", "info,riffle_operator=debug,kube=warn")
+            .envs(
+                [
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_SECRET_ACCESS_KEY",
+                    "AWS_REGION",
+                    "PATH",
+                    "HOME",
+                ]
+                .iter()
+                .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?))),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start riffle-operator");
+        self.operators.insert(id.to_string(), child);
+    }
+
+    fn kill_operator(&mut self, id: &str) {
+        let mut child = self.operators.remove(id).expect("operator running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn operator_logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(&self.logs).unwrap().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            out += &format!(
+                "--- {} (last 60 lines) ---\n{}\n",
+                entry.file_name().to_string_lossy(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        out
+    }
+
+    fn spec(&self) -> Value {
+        let t = &self.topics;
+        json!({
+            "image": "riffle-runtime:test",
+            "parallelism": 2,
+            "keyGroups": KEY_GROUPS,
+            "source": {"topics": [t.input]},
+            "sink": {"recommendations": t.recs, "itemStats": t.stats, "late": t.late, "deadLetter": t.dlq},
+            "kafka": {"bootstrapServers": self.bed.bootstrap},
+            "storage": {
+                "checkpoints": format!("s3://{}/{}/{}", self.bed.bucket, self.env.ns, self.name),
+                "s3": {"endpoint": self.bed.s3_endpoint, "forcePathStyle": true},
+                "credentialsSecret": "riffle-s3",
+            },
+            "checkpointInterval": "2s",
+            "commitInterval": "100ms",
+            "readinessTimeout": "60s",
+            "dataflow": {
+                "windowSize": "60s", "windowSlide": "10s", "historyLength": 10,
+                "idleTimeout": "60s", "maxOutOfOrderness": "5s",
+            },
+            "podTemplate": {"nodeSelector": {"kubernetes.io/hostname": self.env.node}},
+        })
+    }
+
+    fn jobs(&self) -> Api<StreamJob> {
+        self.env.api()
+    }
+
+    async fn create(&self) {
+        let sj = json!({
+            "apiVersion": "riffle.dev/v1alpha1",
+            "kind": "StreamJob",
+            "metadata": {"name": self.name},
+            "spec": self.spec(),
+        });
+        self.jobs()
+            .create(&PostParams::default(), &serde_json::from_value(sj).unwrap())
+            .await
+            .expect("create the StreamJob");
+    }
+
+    async fn patch_spec(&self, patch: Value) {
+        self.jobs()
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": patch })),
+            )
+            .await
+            .expect("patch the StreamJob");
+    }
+
+    /// Wait until the StreamJob satisfies `cond`.
+    async fn wait(
+        &self,
+        what: &str,
+        cond: impl Fn(&StreamJob) -> bool + Send + 'static,
+    ) -> StreamJob {
+        let wait = await_condition(self.jobs(), &self.name, move |sj: Option<&StreamJob>| {
+            sj.is_some_and(&cond)
+        });
+        match tokio::time::timeout(TIMEOUT, wait).await {
+            Ok(Ok(Some(sj))) => sj,
+            Ok(r) => panic!("watching the StreamJob for {what}: {r:?}"),
+            Err(_) => {
+                let sj = self.jobs().get_opt(&self.name).await.ok().flatten();
+                panic!(
+                    "timed out waiting for {what}; status: {}\n{}\n--- agent ---\n{}",
+                    serde_json::to_string_pretty(&sj.and_then(|s| s.status)).unwrap(),
+                    self.operator_logs(),
+                    tail(&self.env.agent_log(), 40),
+                )
+            }
+        }
+    }
+
+    /// Running on `generation` with `workers` ready workers.
+    async fn wait_running(&self, generation: u32, workers: u32) -> StreamJob {
+        self.wait(
+            &format!("Running on generation {generation} with {workers} workers"),
+            move |sj| {
+                let Some(s) = &sj.status else { return false };
+                s.phase.as_deref() == Some("Running")
+                    && condition(sj, "Ready") == Some("True")
+                    && s.lifecycle
+                        .as_ref()
+                        .and_then(|l| l.deployed.as_ref())
+                        .map(|d| d.generation)
+                        == Some(generation)
+                    && s.parallelism == workers
+            },
+        )
+        .await
+    }
+
+    async fn worker_pods(&self) -> Vec<Pod> {
+        self.env
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&format!("riffle.dev/job={}", self.name)))
+            .await
+            .unwrap()
+            .items
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.operators) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.operator_logs());
+        }
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn condition<'a>(sj: &'a StreamJob, type_: &str) -> Option<&'a str> {
+    sj.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
+}
+
+fn condition_reason(sj: &StreamJob, type_: &str) -> Option<String> {
+    sj.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| format!("{}: {}", c.reason, c.message))
+}
+
+/// Watches the job's pods for the whole test and remembers the most generations that ever
+/// had pods at the same time (terminating pods count until they are gone).
+struct OverlapWatch {
+    max: Arc<AtomicUsize>,
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OverlapWatch {
+    fn start(world: &World) -> Self {
+        let max = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let pods = world.env.api::<Pod>();
+        let labels = format!("riffle.dev/job={}", world.name);
+        let (m, s) = (max.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            let mut live: BTreeMap<String, String> = BTreeMap::new();
+            let stream =
+                watcher(pods, watcher::Config::default().labels(&labels)).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(event)) = stream.next().await {
+                match event {
+                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                        let g = p
+                            .labels()
+                            .get("riffle.dev/generation")
+                            .cloned()
+                            .unwrap_or_default();
+                        s.lock().unwrap().insert(g.clone());
+                        live.insert(p.name_any(), g);
+                    }
+                    watcher::Event::Delete(p) => {
+                        live.remove(&p.name_any());
+                    }
+                    watcher::Event::Init => live.clear(),
+                    watcher::Event::InitDone => {}
+                }
+                let generations: BTreeSet<&String> = live.values().collect();
+                m.fetch_max(generations.len(), Ordering::SeqCst);
+            }
+        });
+        Self { max, seen, task }
+    }
+
+    fn assert_never_overlapped(&self) {
+        assert_eq!(
+            self.max.load(Ordering::SeqCst),
+            1,
+            "two generations had pods at the same time (generations seen: {:?})",
+            self.seen.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for OverlapWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Produce `input` paced in the background; returns when all is sent.
+fn producer(world: &World, input: &Input, rate: u64) -> std::thread::JoinHandle<()> {
+    produce_in_background(&world.bed, &world.topics.input, input.records.clone(), rate).0
+}
+
+async fn finish_and_verify(world: &World, input: &Input) {
+    let final_wm = input.final_wm;
+    world
+        .wait(
+            "every worker's watermark at the end of the input",
+            move |sj| {
+                sj.status
+                    .as_ref()
+                    .and_then(|s| s.workers.as_ref())
+                    .and_then(|w| w.watermark)
+                    .is_some_and(|wm| wm >= final_wm)
+            },
+        )
+        .await;
+    let topics = world.topics.clone();
+    let (valid, poison) = (input.valid.clone(), input.poison.clone());
+    let stats = tokio::task::block_in_place(|| verify_exactly_once(&topics, &valid, &poison));
+    assert_item_stats_match_reference(&stats, input, KEY_GROUPS);
+}
+
+/// create → Running (the `kubectl get sj` columns) → a parameter change as a savepoint
+/// upgrade → `kubectl scale` → suspend and resume → delete, while input flows; exactly once
+/// across all of it, and never two generations at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
+    let _serial = SERIAL.lock().await;
+    let mut world = World::new("op-life").await;
+    world.start_operator("op-a");
+    let overlap = OverlapWatch::start(&world);
+    world.create().await;
+    let sj = world.wait_running(1, 2).await;
+    assert_eq!(
+        sj.status.as_ref().unwrap().selector.as_deref(),
+        Some("riffle.dev/job=recs")
+    );
+    assert!(
+        world
+            .env
+            .api::<ConfigMap>()
+            .get("recs-g1")
+            .await
+            .unwrap()
+            .data
+            .unwrap()["job.yaml"]
+            .contains("topK"),
+        "generation 1's ConfigMap holds the job file"
+    );
+    // What `kubectl get sj` shows.
+    let table: Value = world
+        .env
+        .client
+        .request(
+            http::Request::get(format!(
+                "/apis/riffle.dev/v1alpha1/namespaces/{}/streamjobs",
+                world.env.ns
+            ))
+            .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+            .body(Vec::new())
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let cells = &table["rows"][0]["cells"];
+    assert_eq!(cells[0], "recs");
+    assert_eq!(cells[1], "Running", "{table}");
+    assert_eq!(cells[2], 2);
+
+    let input = tokio::task::block_in_place(|| input(KEY_GROUPS, 24_000, 100));
+    let sender = producer(&world, &input, 600);
+
+    // A job parameter changes: savepoint, stop, restore in generation 2.
+    world.patch_spec(json!({"dataflow": {"topK": 15}})).await;
+    let sj = world.wait_running(2, 2).await;
+    let lifecycle = sj.status.as_ref().unwrap().lifecycle.clone().unwrap();
+    let restored = lifecycle.deployed.unwrap().restored_from;
+    assert!(
+        matches!(&restored, riffle_operator::upgrade::Restore::Savepoint(l) if l.contains("sp-upgrade-g1")),
+        "generation 2 restores the upgrade savepoint: {restored:?}"
+    );
+    assert!(sj.status.as_ref().unwrap().last_savepoint.is_some());
+
+    // `kubectl scale sj/recs --replicas 3`.
+    world
+        .jobs()
+        .patch_scale(
+            "recs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    world.wait_running(3, 3).await;
+
+    // Suspend: a savepoint, then no pods; resume from it.
+    world.patch_spec(json!({"state": "suspended"})).await;
+    world
+        .wait("Suspended", |sj| {
+            sj.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Suspended")
+        })
+        .await;
+    assert!(
+        world.worker_pods().await.is_empty(),
+        "a suspended job has no pods"
+    );
+    world.patch_spec(json!({"state": "running"})).await;
+    world.wait_running(4, 3).await;
+
+    tokio::task::block_in_place(|| sender.join().unwrap());
+    finish_and_verify(&world, &input).await;
+    overlap.assert_never_overlapped();
+
+    // Delete: children and the finalizer go.
+    world
+        .jobs()
+        .delete("recs", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        TIMEOUT,
+        await_condition(
+            world.jobs(),
+            "recs",
+            conditions::is_deleted(&sj.uid().unwrap()),
+        ),
+    )
+    .await
+    .expect("the StreamJob is gone (finalizer removed) in time")
+    .unwrap();
+    let pods = world.env.api::<Pod>();
+    let gone = await_condition_list(&pods, "riffle.dev/job=recs").await;
+    assert!(gone, "worker pods are deleted with the job");
+}
+
+/// Wait until no object matches the labels (owner-reference garbage collection included).
+async fn await_condition_list(pods: &Api<Pod>, labels: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let stream = watcher(pods.clone(), watcher::Config::default().labels(labels)).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut live = BTreeSet::new();
+    let mut synced = false;
+    loop {
+        if synced && live.is_empty() {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(event))) => match event {
+                watcher::Event::Init => live.clear(),
+                watcher::Event::InitApply(p) | watcher::Event::Apply(p) => {
+                    live.insert(p.name_any());
+                }
+                watcher::Event::Delete(p) => {
+                    live.remove(&p.name_any());
+                }
+                watcher::Event::InitDone => synced = true,
+            },
+            _ => return false,
+        }
+    }
+}
+
+/// MinIO down during an upgrade's savepoint: the old generation keeps running and Degraded
+/// says why; once MinIO is back the retry upgrades. Then an image without a binary: the new
+/// generation fails, and the job rolls back to the last stable spec from the same savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
+    let _serial = SERIAL.lock().await;
+    let mut world = World::new("op-fail").await;
+    world.start_operator("op-a");
+    let overlap = OverlapWatch::start(&world);
+    world.create().await;
+    world.wait_running(1, 2).await;
+    let input = tokio::task::block_in_place(|| input(KEY_GROUPS, 16_000, 100));
+    let sender = producer(&world, &input, 400);
+
+    let outage = S3Outage::start(&world.bed);
+    world.patch_spec(json!({"dataflow": {"topK": 15}})).await;
+    let sj = world
+        .wait("Degraded: the savepoint failed", |sj| {
+            condition(sj, "Degraded") == Some("True")
+                && condition_reason(sj, "Degraded")
+                    .is_some_and(|r| r.starts_with("SavepointFailed"))
+        })
+        .await;
+    drop(outage);
+    let status = sj.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Upgrading"));
+    let message = condition_reason(&sj, "Degraded").unwrap();
+    assert!(message.contains("keeps running"), "{message}");
+    // Generation 1 still runs; nothing of generation 2 exists.
+    let pods = world.worker_pods().await;
+    assert_eq!(pods.len(), 2, "generation 1 keeps its pods");
+    assert!(pods
+        .iter()
+        .all(|p| p.labels()["riffle.dev/generation"] == "1" && riffle_e2e::testenv::pod_ready(p)));
+    world.wait_running(2, 2).await;
+
+    // An image the node cannot run: generation 3 fails, generation 4 is the stable spec again.
+    world.patch_spec(json!({"image": "riffle-missing:1"})).await;
+    let sj = world
+        .wait("rolled back", |sj| {
+            condition_reason(sj, "Degraded").is_some_and(|r| r.starts_with("RolledBack"))
+                && sj.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && condition(sj, "Ready") == Some("True")
+        })
+        .await;
+    let lifecycle = sj.status.as_ref().unwrap().lifecycle.clone().unwrap();
+    let deployed = lifecycle.deployed.unwrap();
+    assert_eq!(deployed.generation, 4);
+    assert!(
+        matches!(deployed.restored_from, riffle_operator::upgrade::Restore::Savepoint(ref l) if l.contains("sp-upgrade-g2"))
+    );
+    for pod in world.worker_pods().await {
+        assert_eq!(
+            pod.spec.unwrap().containers[0].image.as_deref(),
+            Some("riffle-runtime:test")
+        );
+    }
+
+    tokio::task::block_in_place(|| sender.join().unwrap());
+    finish_and_verify(&world, &input).await;
+    overlap.assert_never_overlapped();
+}
+
+/// MinIO stopped until dropped (also when the test fails, so later tests find it up).
+struct S3Outage(Bed);
+
+impl S3Outage {
+    fn start(bed: &Bed) -> Self {
+        tokio::task::block_in_place(|| bed.testbed("s3-stop"));
+        Self(bed.clone())
+    }
+}
+
+impl Drop for S3Outage {
+    fn drop(&mut self) {
+        tokio::task::block_in_place(|| self.0.testbed("s3-start"));
+    }
+}
+
+/// Two operator replicas; the leader is SIGKILLed at every step of an upgrade (and started
+/// again as a standby). The other replica takes the Lease over and the job converges, exactly
+/// once, never with two generations at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_at_every_upgrade_step_hands_over_and_the_job_converges() {
+    let _serial = SERIAL.lock().await;
+    let mut world = World::new("op-kill").await;
+    world.start_operator("op-1");
+    world.start_operator("op-2");
+    let overlap = OverlapWatch::start(&world);
+    world.create().await;
+    world.wait_running(1, 2).await;
+    let input = tokio::task::block_in_place(|| input(KEY_GROUPS, 16_000, 100));
+    let sender = producer(&world, &input, 400);
+
+    let leases = world.env.api::<Lease>();
+    fn holder(lease: &Lease) -> String {
+        lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default()
+    }
+    let mut replicas = 2;
+    let first = holder(&leases.get("riffle-operator").await.unwrap());
+    world.patch_spec(json!({"dataflow": {"topK": 15}})).await;
+    let mut killed = Vec::new();
+    for step in ["savepointing", "stopping", "waitingReady"] {
+        let seen = world
+            .wait(&format!("journal step {step}"), move |sj| {
+                let journal = sj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.lifecycle.as_ref())
+                    .and_then(|l| l.journal.as_ref());
+                let at = journal.map(|j| serde_json::to_value(&j.step).unwrap());
+                let deployed = sj
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.lifecycle.as_ref())
+                    .and_then(|l| l.deployed.as_ref())
+                    .map(|d| d.generation);
+                // A step already passed counts too (it may be short): kill at the first
+                // sighting of this step or any later one.
+                at == Some(json!(step))
+                    || (step != "waitingReady" && deployed == Some(2))
+                    || (step == "stopping" && at == Some(json!("waitingReady")))
+            })
+            .await;
+        // The current leader (a live replica: after a kill the Lease names the dead one until
+        // a standby takes it over).
+        let live: BTreeSet<String> = world.operators.keys().cloned().collect();
+        let lease = tokio::time::timeout(
+            TIMEOUT,
+            await_condition(
+                leases.clone(),
+                "riffle-operator",
+                move |l: Option<&Lease>| l.is_some_and(|l| live.contains(&holder(l))),
+            ),
+        )
+        .await
+        .expect("a live replica holds the lease")
+        .unwrap()
+        .unwrap();
+        let leader = holder(&lease);
+        world.kill_operator(&leader);
+        killed.push((
+            step,
+            leader,
+            seen.status
+                .and_then(|s| s.lifecycle)
+                .and_then(|l| l.journal)
+                .map(|j| j.step),
+        ));
+        // A new identity: a replica restarted under the old one would simply resume holding.
+        replicas += 1;
+        world.start_operator(&format!("op-{replicas}"));
+    }
+    eprintln!("killed: {killed:?}");
+    world.wait_running(2, 2).await;
+    let lease = leases.get("riffle-operator").await.unwrap();
+    assert!(
+        lease.spec.as_ref().unwrap().lease_transitions.unwrap_or(0) >= 2,
+        "the lease changed hands (first holder {first}): {:?}",
+        lease.spec
+    );
+
+    tokio::task::block_in_place(|| sender.join().unwrap());
+    finish_and_verify(&world, &input).await;
+    overlap.assert_never_overlapped();
+}
