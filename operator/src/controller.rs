@@ -33,6 +33,8 @@ use crate::Error;
 
 /// The one field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "riffle-operator";
+/// Bound of one reconcile (API calls, worker status reads, S3 checks).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Held while the operator owns cleanup of a job.
 pub const FINALIZER: &str = "riffle.dev/cleanup";
 
@@ -113,19 +115,31 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
     let started = std::time::Instant::now();
     let ns = sj.namespace().unwrap_or_default();
     let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, sj, |event| async {
+    let run = finalizer(&api, FINALIZER, sj, |event| async {
         match event {
             Finalizer::Apply(sj) => apply(&sj, &ctx).await,
             Finalizer::Cleanup(sj) => cleanup(&sj, &ctx).await,
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.reconciled(started.elapsed(), result.is_ok());
+    });
+    // The client has no read timeout (its watches may be silent for minutes): an API server
+    // that accepts a request and never answers must not hold this job's reconcile forever.
+    let result = match tokio::time::timeout(RECONCILE_TIMEOUT, run).await {
+        Ok(r) => r.map_err(|e| Error::Finalizer(Box::new(e))),
+        Err(_) => Err(Error::Timeout(RECONCILE_TIMEOUT)),
+    };
+    let ok = match &result {
+        Ok(_) => true,
+        Err(e) => e.waiting().is_some(),
+    };
+    ctx.metrics.reconciled(started.elapsed(), ok);
     result
 }
 
 pub fn error_policy(sj: Arc<StreamJob>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if let Some(what) = error.waiting() {
+        tracing::debug!(job = %sj.name_any(), what, "waiting");
+        return Action::requeue(Duration::from_secs(1));
+    }
     let wait = match error.api_code() {
         // Someone wrote the object since we read it: read again at once.
         Some(409) => Duration::from_millis(500),
@@ -259,11 +273,25 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
     let Some(sj) = api.get_opt(&name).await? else {
         return Ok(Action::await_change());
     };
+    let status = sj.status.clone().unwrap_or_default();
     if sj.annotations().get(ANNOTATION_PAUSE).map(String::as_str) == Some("true") {
-        tracing::info!(job = %name, "reconciliation paused by annotation");
+        // Nothing is started, stopped or savepointed; the condition says this generation of
+        // the spec was seen and left alone on purpose.
+        let mut next = status.clone();
+        set_condition(
+            &mut next,
+            "Paused",
+            true,
+            "ReconciliationPaused",
+            &format!("{ANNOTATION_PAUSE} is \"true\": the operator leaves this job alone"),
+            sj.metadata.generation,
+        );
+        if next != status {
+            tracing::info!(job = %name, "reconciliation paused by annotation");
+            write_status(&api, &sj, next).await?;
+        }
         return Ok(Action::await_change());
     }
-    let status = sj.status.clone().unwrap_or_default();
     let uid = sj.uid().unwrap_or_default();
 
     // A spec the runtime would refuse never reaches a pod: say why in the status, keep what
@@ -458,19 +486,26 @@ fn next_status(
         }
     }
     s.lifecycle = Some(d.record.clone());
-    s.last_error = d.degraded.clone().or_else(|| {
-        // A cleared degradation keeps its message until a later success replaces it.
-        prev.last_error.clone().filter(|_| false)
-    });
+    s.last_error = d.degraded.clone();
+    s.conditions.retain(|c| c.type_ != "Paused");
     let ready_pods = deployed
         .and_then(|g| o.generations.get(&g))
         .is_some_and(|p| p.desired > 0 && p.ready >= p.desired);
     let ready = d.phase == Phase::Running && ready_pods;
-    let (ready_reason, ready_msg) = match (d.phase, ready_pods) {
-        (Phase::Running, true) => (
-            "Running",
-            "every worker of the running generation is ready".to_string(),
+    let health = match &s.workers {
+        Some(w) => format!(
+            "{} of {} workers ready, lag {} records, {} container restarts, last checkpoint {}",
+            w.ready,
+            s.parallelism,
+            w.lag,
+            s.restarts,
+            w.last_checkpoint
+                .map_or("none yet".into(), |c| format!("#{c}"))
         ),
+        None => "no worker figures yet".into(),
+    };
+    let (ready_reason, ready_msg) = match (d.phase, ready_pods) {
+        (Phase::Running, true) => ("Running", health),
         (Phase::Suspended, _) => ("Suspended", "the job is suspended".to_string()),
         (p, _) => (phase_name(p), format!("phase {}", phase_name(p))),
     };
@@ -732,6 +767,88 @@ async fn publish(ctx: &Context, sj: &StreamJob, warning: bool, reason: &str, not
     }
 }
 
+enum FinalSavepoint {
+    /// Requested or in progress: look again shortly.
+    Wait,
+    /// Taken (or impossible, or failed: deletion goes on); a note for the deletion Event.
+    Done(String),
+}
+
+/// `savepointOnDeletion`: a stop-with-savepoint of the running generation before its pods
+/// go. A deletion never hangs on it: without a ready worker, or when it fails, the job is
+/// deleted anyway and the Event says so.
+async fn final_savepoint_step(sj: &StreamJob, ctx: &Context, pods: Vec<Pod>) -> FinalSavepoint {
+    let record = sj
+        .status
+        .as_ref()
+        .and_then(|s| s.lifecycle.clone())
+        .unwrap_or_default();
+    let Some(dep) = record.deployed else {
+        return FinalSavepoint::Done(" (no generation ran: no final savepoint)".into());
+    };
+    let observation = observe(pods);
+    let id = format!("sp-delete-g{}", dep.generation);
+    let wire = render::wire_savepoint_id(sj, &id);
+    let uid = sj.uid().unwrap_or_default();
+    let location = format!(
+        "{}/{wire}",
+        render::savepoint_store(&sj.spec).trim_end_matches('/')
+    );
+    let outcome = ctx
+        .tracker
+        .outcome(
+            &ctx.store,
+            &uid,
+            &wire,
+            location,
+            sj.spec.storage.s3.clone(),
+        )
+        .await;
+    match outcome {
+        SavepointOutcome::Pending => FinalSavepoint::Wait,
+        SavepointOutcome::Completed(location) => {
+            tracing::info!(job = %sj.name_any(), %location, "final savepoint taken");
+            FinalSavepoint::Done(format!(" after a final savepoint at {location}"))
+        }
+        SavepointOutcome::Failed(reason) => {
+            publish(
+                ctx,
+                sj,
+                true,
+                "FinalSavepointFailed",
+                format!("the final savepoint failed ({reason}); deleting anyway"),
+            )
+            .await;
+            FinalSavepoint::Done(" without a final savepoint (it failed)".into())
+        }
+        SavepointOutcome::NotRequested => {
+            let ready = observation
+                .generations
+                .get(&dep.generation)
+                .is_some_and(|p| p.ready > 0);
+            if !ready {
+                return FinalSavepoint::Done(" (no ready worker: no final savepoint)".into());
+            }
+            act(
+                ctx,
+                sj,
+                &StreamJobStatus::default(),
+                &observation,
+                &Step::RequestSavepoint {
+                    generation: dep.generation,
+                    id,
+                    stop: true,
+                },
+            )
+            .await
+            .map_or(
+                FinalSavepoint::Done(" (the final savepoint could not be requested)".into()),
+                |()| FinalSavepoint::Wait,
+            )
+        }
+    }
+}
+
 /// Deletion: stop the workers, dispose of the savepoints if asked, then let the finalizer go.
 /// Idempotent: every step tolerates what an earlier attempt already did.
 async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
@@ -739,7 +856,18 @@ async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
     let name = sj.name_any();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let lp = ListParams::default().labels(&render::selector(sj));
-    for pod in pods.list(&lp).await?.items {
+    let listed = pods.list(&lp).await?.items;
+    let mut final_savepoint = None;
+    if sj.spec.savepoint_on_deletion {
+        match final_savepoint_step(sj, ctx, listed.clone()).await {
+            // An error, not a requeue: the finalizer goes as soon as cleanup returns Ok.
+            FinalSavepoint::Wait => {
+                return Err(Error::Waiting("the final savepoint is in progress".into()))
+            }
+            FinalSavepoint::Done(note) => final_savepoint = Some(note),
+        }
+    }
+    for pod in listed {
         if pod.metadata.deletion_timestamp.is_none() {
             match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
                 Ok(_) => {}
@@ -762,7 +890,7 @@ async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
             ctx.store
                 .dispose(location.clone(), sj.spec.storage.s3.clone())
                 .await
-                .map_err(|e| Error::InvalidSpec(format!("disposing savepoint {location}: {e}")))?;
+                .map_err(|e| Error::Store(format!("disposing savepoint {location}: {e}")))?;
         }
     }
     ctx.tracker.forget_job(&sj.uid().unwrap_or_default());
@@ -772,7 +900,8 @@ async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         false,
         "Deleted",
         format!(
-            "workers of {name} stopped; savepoints {}",
+            "workers of {name} stopped{}; savepoints {}",
+            final_savepoint.unwrap_or_default(),
             if sj.spec.savepoint_retention.dispose_on_delete {
                 "disposed"
             } else {

@@ -45,6 +45,7 @@ use crate::upgrade::UpgradeMode;
         json_path = ".spec.parallelism"
     ),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.workers.lag"),
+    printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
     printcolumn(
         name = "Last Savepoint",
         type_ = "string",
@@ -122,6 +123,10 @@ pub struct StreamJobSpec {
     pub readiness_timeout: Duration,
     #[serde(default)]
     pub savepoint_retention: SavepointRetention,
+    /// Take a savepoint (stopping the workers) when the StreamJob is deleted; its location
+    /// is in the deletion Event and the operator's log, and `disposeOnDelete` keeps it.
+    #[serde(default)]
+    pub savepoint_on_deletion: bool,
     /// Resources of each worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,

@@ -26,6 +26,13 @@ pub enum Error {
     InvalidSpec(String),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Not a failure: cleanup waits for something (the finalizer stays until it is done).
+    #[error("waiting: {0}")]
+    Waiting(String),
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("object store: {0}")]
+    Store(String),
     #[error("serialization: {0}")]
     Json(#[from] serde_json::Error),
     #[error("lost the leader lease: {0}")]
@@ -33,6 +40,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// What cleanup waits for, if this is a wait rather than a failure.
+    pub fn waiting(&self) -> Option<&str> {
+        match self {
+            Self::Waiting(what) => Some(what),
+            Self::Finalizer(f) => match f.as_ref() {
+                kube::runtime::finalizer::Error::CleanupFailed(e) => e.waiting(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The HTTP status of an API error, if this is one (for the error policy and metrics).
     pub fn api_code(&self) -> Option<u16> {
         match self {

@@ -316,6 +316,11 @@ fn steady(desired: &Desired, obs: &Observed, d: &mut Decision) {
 /// on-demand savepoint.
 fn running(desired: &Desired, dep: Deployment, obs: &Observed, d: &mut Decision) {
     let pods = obs.pods(dep.generation);
+    if pods.existing < pods.desired {
+        // Pods of the generation are missing (an apply that failed half-way, a lost pod):
+        // apply them again; the pods that exist stay as they are.
+        d.actions.push(Action::StartGeneration(dep.clone()));
+    }
     if pods.ready >= pods.desired && pods.desired > 0 {
         if d.record.last_stable.as_ref() != Some(&dep) {
             d.record.last_stable = Some(dep.clone());
@@ -546,6 +551,9 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
                 d.actions.push(Action::StartGeneration(dep));
                 d.record.journal = Some(j);
                 return;
+            }
+            if pods.existing < pods.desired {
+                d.actions.push(Action::StartGeneration(dep.clone()));
             }
             if pods.desired > 0 && pods.ready >= pods.desired {
                 d.record.last_stable = Some(dep.clone());
@@ -1098,6 +1106,30 @@ mod tests {
         let back: Record = serde_json::from_str(&json).unwrap();
         assert_eq!(back, record);
         assert!(json.contains("\"step\":\"savepointing\""), "{json}");
+    }
+
+    #[test]
+    fn a_generation_missing_some_of_its_pods_is_applied_again() {
+        let (record, _) = running_job("a");
+        let dep = record.deployed.clone().unwrap();
+        let half = Pods {
+            existing: 1,
+            ready: 1,
+            desired: 2,
+            failing: false,
+        };
+        let obs = Observed {
+            now_ms: 0,
+            generations: BTreeMap::from([(dep.generation, half)]),
+            savepoint: SavepointOutcome::NotRequested,
+        };
+        let d = decide(&desired("a"), &record, &obs);
+        assert!(d.actions.contains(&Action::StartGeneration(dep.clone())));
+        assert_eq!(
+            d.record.deployed,
+            Some(dep),
+            "the same generation, completed"
+        );
     }
 
     #[test]

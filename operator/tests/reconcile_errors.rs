@@ -592,14 +592,10 @@ async fn after_a_failed_pod_apply_the_next_reconcile_continues_the_same_generati
     }
 }
 
-/// Fails today: the missing worker is never applied. `upgrade::decide` re-issues
-/// `StartGeneration` only when a generation has no pod at all (the steady state's "pods are
-/// gone" branch and the `WaitingReady` step), so a generation left with 1 of its 2 pods stays
-/// Pending: in the steady state for good, during an upgrade until the readiness timeout rolls
-/// it back. The fix belongs in `decide` (re-issue `StartGeneration` while a generation has
-/// fewer pods than its worker count; `act` skips the pods that exist); un-ignore this then.
+/// A generation left with 1 of its 2 pods (the apply failed half-way) is completed by the
+/// next reconcile: `decide` re-issues `StartGeneration` while a generation has fewer pods than
+/// its worker count, and `act` skips the pods that exist.
 #[tokio::test]
-#[ignore = "known bug: a partially applied generation is never completed (upgrade::decide)"]
 async fn after_a_failed_pod_apply_the_next_reconcile_applies_the_missing_pod() {
     let (calls, result) = resume_after_a_failed_pod_apply().await;
     result.expect("second reconcile");

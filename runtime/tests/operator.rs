@@ -63,6 +63,8 @@ struct World {
     topics: Topics,
     name: String,
     operators: BTreeMap<String, Child>,
+    /// Each replica's `/metrics` address.
+    metrics: BTreeMap<String, std::net::SocketAddr>,
     logs: PathBuf,
     _tmp: tempfile::TempDir,
 }
@@ -94,6 +96,7 @@ impl World {
             topics,
             name: "recs".into(),
             operators: BTreeMap::new(),
+            metrics: BTreeMap::new(),
             _tmp: tmp,
         }
     }
@@ -106,12 +109,18 @@ impl World {
             .append(true)
             .open(self.logs.join(format!("operator-{id}.log")))
             .unwrap();
+        // A free port for this replica's metrics (released just before the operator binds it).
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        self.metrics.insert(id.to_string(), metrics);
         let child = Command::new(binary("riffle-operator"))
             .args([
                 "--namespace",
                 &self.env.ns,
                 "--metrics-listen",
-                "127.0.0.1:0",
+                &metrics.to_string(),
                 "--lease-namespace",
                 &self.env.ns,
                 "--identity",
@@ -176,7 +185,7 @@ impl World {
             "kafka": {"bootstrapServers": self.bed.bootstrap},
             "storage": {
                 "checkpoints": format!("s3://{}/{}/{}", self.bed.bucket, self.env.ns, self.name),
-                "s3": {"endpoint": self.bed.s3_endpoint, "forcePathStyle": true},
+                "s3": {"endpoint": self.bed.s3_endpoint, "region": "us-east-1", "forcePathStyle": true},
                 "credentialsSecret": "riffle-s3",
             },
             "checkpointInterval": "2s",
@@ -187,6 +196,8 @@ impl World {
                 "idleTimeout": "60s", "maxOutOfOrderness": "5s",
             },
             "podTemplate": {"nodeSelector": {"kubernetes.io/hostname": self.env.node}},
+            "savepointRetention": {"maxCount": 2, "disposeOnDelete": true},
+            "savepointOnDeletion": true,
         })
     }
 
@@ -478,11 +489,132 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     world.patch_spec(json!({"state": "running"})).await;
     world.wait_running(4, 3).await;
 
+    // Three savepoints so far (upgrade, scale, suspend) and two kept: the oldest is gone
+    // from the store, the kept ones are complete.
+    let sj = world.jobs().get("recs").await.unwrap();
+    let kept: Vec<String> = sj
+        .status
+        .as_ref()
+        .unwrap()
+        .savepoints
+        .iter()
+        .map(|s| s.location.clone())
+        .collect();
+    assert_eq!(kept.len(), 2, "savepointRetention.maxCount: {kept:?}");
+    let sp_store = format!("s3://{}/{}/recs/savepoints", world.bed.bucket, world.env.ns);
+    let uid8 = sj.uid().unwrap()[..8].to_string();
+    let upgrade_sp = format!("{sp_store}/{uid8}-sp-upgrade-g1-a0");
+    assert!(!kept.contains(&upgrade_sp));
+    assert!(
+        !savepoint_complete(&world.bed, &upgrade_sp),
+        "{upgrade_sp} was disposed"
+    );
+    for location in &kept {
+        assert!(
+            savepoint_complete(&world.bed, location),
+            "{location} is complete"
+        );
+    }
+
+    // Paused: a spec change is seen and left alone, until the annotation goes.
+    world
+        .jobs()
+        .patch(
+            "recs",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"riffle.dev/pause-reconciliation": "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    world.patch_spec(json!({"dataflow": {"topK": 16}})).await;
+    let paused_at = world.jobs().get("recs").await.unwrap().metadata.generation;
+    let sj = world
+        .wait("the Paused condition for the new spec", move |sj| {
+            sj.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "Paused" && c.status == "True" && c.observed_generation == paused_at
+                })
+            })
+        })
+        .await;
+    assert_eq!(
+        sj.status
+            .as_ref()
+            .unwrap()
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .deployed
+            .as_ref()
+            .unwrap()
+            .generation,
+        4
+    );
+    assert!(world
+        .worker_pods()
+        .await
+        .iter()
+        .all(|p| p.labels()["riffle.dev/generation"] == "4"));
+    world
+        .jobs()
+        .patch(
+            "recs",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"riffle.dev/pause-reconciliation": null}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    world.wait_running(5, 3).await;
+
     tokio::task::block_in_place(|| sender.join().unwrap());
     finish_and_verify(&world, &input).await;
     overlap.assert_never_overlapped();
 
-    // Delete: children and the finalizer go.
+    // Events tell the story; the metrics count the work.
+    let events: Vec<String> = world
+        .env
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in [
+        "Starting",
+        "Upgrading",
+        "SavepointCompleted",
+        "Suspended",
+        "Ready",
+    ] {
+        assert!(
+            events.iter().any(|r| r == reason),
+            "no {reason} event in {events:?}"
+        );
+    }
+    let metrics =
+        common::cluster::try_http(&world.metrics["op-a"].to_string(), "GET", "/metrics", "")
+            .expect("the operator serves /metrics");
+    assert_eq!(metrics.0, 200);
+    assert!(
+        metrics.1.contains("riffle_operator_leader 1"),
+        "{}",
+        metrics.1
+    );
+    let reconciles: u64 = metrics
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("riffle_operator_reconciles_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(reconciles > 10, "{reconciles} reconciles counted");
+
+    // Delete: a final savepoint, the kept savepoints disposed, children and the finalizer gone.
     world
         .jobs()
         .delete("recs", &DeleteParams::default())
@@ -502,12 +634,46 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     let pods = world.env.api::<Pod>();
     let gone = await_condition_list(&pods, "riffle.dev/job=recs").await;
     assert!(gone, "worker pods are deleted with the job");
+    let last = format!("{sp_store}/{uid8}-sp-delete-g5");
+    assert!(
+        savepoint_complete(&world.bed, &last),
+        "the final savepoint {last} is kept"
+    );
+    for location in &kept {
+        assert!(
+            !savepoint_complete(&world.bed, location),
+            "{location} disposed on delete"
+        );
+    }
+    let config_maps = world.env.api::<ConfigMap>();
+    assert!(
+        await_condition_list(&config_maps, "riffle.dev/job=recs").await,
+        "ConfigMaps are garbage collected"
+    );
+}
+
+/// Whether a savepoint's job-wide manifest is in the store.
+fn savepoint_complete(bed: &Bed, location: &str) -> bool {
+    let s3 = riffle_runtime::config::S3Config {
+        endpoint: Some(bed.s3_endpoint.clone()),
+        region: None,
+        force_path_style: true,
+    };
+    let store = riffle_store::open(location, Some(&s3)).unwrap();
+    match store.get_bytes("_savepoint.json") {
+        Ok(_) => true,
+        Err(e) if e.is_not_found() => false,
+        Err(e) => panic!("reading {location}: {e}"),
+    }
 }
 
 /// Wait until no object matches the labels (owner-reference garbage collection included).
-async fn await_condition_list(pods: &Api<Pod>, labels: &str) -> bool {
+async fn await_condition_list<K>(api: &Api<K>, labels: &str) -> bool
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let stream = watcher(pods.clone(), watcher::Config::default().labels(labels)).default_backoff();
+    let stream = watcher(api.clone(), watcher::Config::default().labels(labels)).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut live = BTreeSet::new();
     let mut synced = false;
