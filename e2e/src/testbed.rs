@@ -45,3 +45,30 @@ pub async fn client(kubeconfig: &Path) -> Client {
         .unwrap_or_else(|e| panic!("{NOT_RUNNING} (API server unreachable: {e})"));
     client
 }
+
+/// Install (server-side apply, field manager `riffle-e2e`) a CRD and wait, bounded, until the
+/// API server serves it. Panics with the API server's refusal.
+pub async fn install_crd(
+    client: &Client,
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let name = crd.metadata.name.clone().expect("a CRD has a name");
+    crds.patch(
+        &name,
+        &PatchParams::apply("riffle-e2e").force(),
+        &Patch::Apply(crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the API server refused the CRD: {e}"));
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("CRD {name} not established within 60 s"))
+    .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"));
+}

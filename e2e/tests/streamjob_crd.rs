@@ -3,38 +3,15 @@
 //! the scale subresource drives `parallelism` (`kubectl scale sj/NAME --replicas N`).
 
 use std::panic::AssertUnwindSafe;
-use std::time::Duration;
 
 use futures::FutureExt;
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, CustomResourceExt};
-use riffle_e2e::testbed::{client, kubeconfig_path};
+use riffle_e2e::testbed::{client, install_crd, kubeconfig_path};
 use riffle_operator::crd::StreamJob;
 use serde_json::{json, Value};
-
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = StreamJob::crd();
-    let name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &name,
-        &PatchParams::apply("riffle-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("the API server refused the CRD: {e}"));
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD not established within 60 s")
-    .unwrap();
-}
 
 fn good_spec() -> Value {
     json!({
@@ -59,7 +36,7 @@ fn job(name: &str, spec: Value) -> DynamicObject {
 #[tokio::test]
 async fn the_crd_installs_and_the_api_server_enforces_its_rules() {
     let client = client(&kubeconfig_path()).await;
-    install_crd(&client).await;
+    install_crd(&client, &StreamJob::crd()).await;
     let ns = format!("sj-crd-{}", std::process::id());
     let namespaces = Api::<Namespace>::all(client.clone());
     namespaces

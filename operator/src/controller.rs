@@ -694,29 +694,17 @@ async fn act(
         }
         Step::DeleteGeneration(generation) => {
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let mut deleted = 0;
             for pod in o.pods.get(generation).into_iter().flatten() {
-                if pod.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    Err(e) => return Err(e.into()),
+                if pod.metadata.deletion_timestamp.is_none() {
+                    deleted += u32::from(delete(&pods, &pod.name_any()).await?);
                 }
             }
             let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-            match cms
-                .delete(
-                    &render::config_map_name(&name, *generation),
-                    &DeleteParams::default(),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
+            delete(&cms, &render::config_map_name(&name, *generation)).await?;
+            if deleted > 0 {
+                tracing::info!(job = %name, generation, pods = deleted, "deleting generation");
             }
-            tracing::info!(job = %name, generation, "deleting generation");
         }
         Step::StartGeneration(dep) => {
             let spec = spec_for(sj, status, dep)?;
@@ -748,6 +736,19 @@ async fn act(
         }
     }
     Ok(())
+}
+
+/// Delete an object (gracefully); one that is already gone is not an error. Returns whether
+/// this call deleted it.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn publish(ctx: &Context, sj: &StreamJob, warning: bool, reason: &str, note: String) {
@@ -869,11 +870,7 @@ async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
     }
     for pod in listed {
         if pod.metadata.deletion_timestamp.is_none() {
-            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            delete(&pods, &pod.name_any()).await?;
         }
     }
     let status = sj.status.clone().unwrap_or_default();

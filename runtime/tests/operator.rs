@@ -20,11 +20,11 @@ use common::cluster::{unique, verify_exactly_once, Bed, Topics};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, CustomResourceExt, ResourceExt};
+use riffle_e2e::testbed::install_crd;
 use riffle_e2e::testenv::{binary, TestEnv};
 use riffle_operator::crd::StreamJob;
 use scenario::{assert_item_stats_match_reference, input, produce_in_background, Input};
@@ -35,26 +35,6 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 /// One scenario at a time: they share two cores, and one stops the shared MinIO.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const KEY_GROUPS: i32 = 8;
-
-async fn install_crd(env: &TestEnv) {
-    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    let crd = StreamJob::crd();
-    let name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &name,
-        &PatchParams::apply("riffle-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("install the CRD");
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("CRD established within 60 s")
-    .unwrap();
-}
 
 /// A test's world: node agent and namespace, topics, the S3 Secret, operator replicas.
 struct World {
@@ -73,7 +53,7 @@ impl World {
     async fn new(test: &str) -> Self {
         let bed = Bed::from_env();
         let env = TestEnv::start(test).await;
-        install_crd(&env).await;
+        install_crd(&env.client, &StreamJob::crd()).await;
         let name = unique("sj").replace('_', "-");
         let topics = tokio::task::block_in_place(|| Topics::create(&bed, &name, KEY_GROUPS));
         let secret: Secret = serde_json::from_value(json!({
@@ -99,6 +79,19 @@ impl World {
             metrics: BTreeMap::new(),
             _tmp: tmp,
         }
+    }
+
+    /// A world with these operator replicas, the pod-overlap watch, and the job created and
+    /// Running on generation 1 with 2 workers.
+    async fn running(test: &str, operators: &[&str]) -> (Self, OverlapWatch, StreamJob) {
+        let mut world = Self::new(test).await;
+        for id in operators {
+            world.start_operator(id);
+        }
+        let overlap = OverlapWatch::start(&world);
+        world.create().await;
+        let sj = world.wait_running(1, 2).await;
+        (world, overlap, sj)
     }
 
     /// Start an operator replica named `id` (leader election through a Lease in the test's
@@ -403,16 +396,13 @@ async fn finish_and_verify(world: &World, input: &Input) {
 }
 
 /// create → Running (the `kubectl get sj` columns) → a parameter change as a savepoint
-/// upgrade → `kubectl scale` → suspend and resume → delete, while input flows; exactly once
+/// upgrade → `kubectl scale` → suspend and resume → retention → pause → a lastState
+/// upgrade → delete with a final savepoint, while input flows; exactly once
 /// across all of it, and never two generations at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     let _serial = SERIAL.lock().await;
-    let mut world = World::new("op-life").await;
-    world.start_operator("op-a");
-    let overlap = OverlapWatch::start(&world);
-    world.create().await;
-    let sj = world.wait_running(1, 2).await;
+    let (world, overlap, sj) = World::running("op-life", &["op-a"]).await;
     assert_eq!(
         sj.status.as_ref().unwrap().selector.as_deref(),
         Some("riffle.dev/job=recs")
@@ -570,6 +560,23 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
         .unwrap();
     world.wait_running(5, 3).await;
 
+    // A lastState upgrade: no savepoint, generation 6 resumes the committed state.
+    world
+        .patch_spec(json!({"upgradeMode": "lastState", "dataflow": {"topK": 14}}))
+        .await;
+    let upgraded = world.wait_running(6, 3).await;
+    let deployed = upgraded
+        .status
+        .unwrap()
+        .lifecycle
+        .unwrap()
+        .deployed
+        .unwrap();
+    assert_eq!(
+        deployed.restored_from,
+        riffle_operator::upgrade::Restore::Latest
+    );
+
     tokio::task::block_in_place(|| sender.join().unwrap());
     finish_and_verify(&world, &input).await;
     overlap.assert_never_overlapped();
@@ -634,7 +641,7 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     let pods = world.env.api::<Pod>();
     let gone = await_condition_list(&pods, "riffle.dev/job=recs").await;
     assert!(gone, "worker pods are deleted with the job");
-    let last = format!("{sp_store}/{uid8}-sp-delete-g5");
+    let last = format!("{sp_store}/{uid8}-sp-delete-g6");
     assert!(
         savepoint_complete(&world.bed, &last),
         "the final savepoint {last} is kept"
@@ -703,11 +710,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
     let _serial = SERIAL.lock().await;
-    let mut world = World::new("op-fail").await;
-    world.start_operator("op-a");
-    let overlap = OverlapWatch::start(&world);
-    world.create().await;
-    world.wait_running(1, 2).await;
+    let (world, overlap, _) = World::running("op-fail", &["op-a"]).await;
     let input = tokio::task::block_in_place(|| input(KEY_GROUPS, 16_000, 100));
     let sender = producer(&world, &input, 400);
 
@@ -782,12 +785,7 @@ impl Drop for S3Outage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_leader_killed_at_every_upgrade_step_hands_over_and_the_job_converges() {
     let _serial = SERIAL.lock().await;
-    let mut world = World::new("op-kill").await;
-    world.start_operator("op-1");
-    world.start_operator("op-2");
-    let overlap = OverlapWatch::start(&world);
-    world.create().await;
-    world.wait_running(1, 2).await;
+    let (mut world, overlap, _) = World::running("op-kill", &["op-1", "op-2"]).await;
     let input = tokio::task::block_in_place(|| input(KEY_GROUPS, 16_000, 100));
     let sender = producer(&world, &input, 400);
 
