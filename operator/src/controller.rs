@@ -28,7 +28,7 @@ use crate::upgrade::{
     self, Action as Step, Decision, Deployment, Desired, Observed, Phase, Pods, Record,
     SavepointOutcome,
 };
-use crate::workers::WorkerApi;
+use crate::workers::{WorkerApi, WorkerMetrics};
 use crate::Error;
 
 /// The one field manager of every server-side apply.
@@ -154,12 +154,15 @@ pub fn error_policy(sj: Arc<StreamJob>, error: &Error, _ctx: Arc<Context>) -> Ac
 struct Observation {
     generations: BTreeMap<u32, Pods>,
     pods: BTreeMap<u32, Vec<Pod>>,
+    /// `GET /status` of the ready workers of the deployed generation, by pod name.
+    metrics: BTreeMap<String, WorkerMetrics>,
 }
 
 fn observe(pods: Vec<Pod>) -> Observation {
     let mut o = Observation {
         generations: BTreeMap::new(),
         pods: BTreeMap::new(),
+        metrics: BTreeMap::new(),
     };
     for pod in pods {
         let Some(generation) = pod
@@ -175,7 +178,11 @@ fn observe(pods: Vec<Pod>) -> Observation {
             .and_then(|w| w.parse().ok())
             .unwrap_or(1);
         let entry = o.generations.entry(generation).or_default();
-        entry.existing += 1;
+        // An ended pod (evicted, or its process exited for good) runs nothing: it does not
+        // count as existing, and is replaced (deleted, then applied again).
+        if !has_ended(&pod) {
+            entry.existing += 1;
+        }
         entry.desired = desired;
         if is_ready(&pod) && pod.metadata.deletion_timestamp.is_none() {
             entry.ready += 1;
@@ -220,6 +227,13 @@ fn is_failing(pod: &Pod) -> bool {
                 )
             })
     })
+}
+
+fn has_ended(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed" | "Succeeded")
+    )
 }
 
 fn pod_addr(pod: &Pod) -> Option<SocketAddr> {
@@ -294,25 +308,42 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
     }
     let uid = sj.uid().unwrap_or_default();
 
-    // A spec the runtime would refuse never reaches a pod: say why in the status, keep what
-    // runs.
-    if let Err(e) = render::job_config(&sj, &sj.spec) {
-        let mut next = status.clone();
-        next.observed_generation = sj.metadata.generation;
-        next.last_error = Some(e.to_string());
-        set_condition(
-            &mut next,
-            "Degraded",
-            true,
-            "InvalidSpec",
-            &e.to_string(),
-            sj.metadata.generation,
-        );
-        if next != status {
-            write_status(&api, &sj, next).await?;
+    // A spec the runtime would refuse never reaches a pod: the job goes on with the spec it
+    // runs (transitions in flight continue, lost pods are replaced), and the status says why.
+    let invalid = render::job_config(&sj, &sj.spec).err();
+    if let Some(e) = &invalid {
+        if status.last_error.as_deref() != Some(&e.to_string()) {
             publish(ctx, &sj, true, "InvalidSpec", e.to_string()).await;
         }
-        return Ok(Action::await_change());
+    }
+    let record = status.lifecycle.clone().unwrap_or_default();
+    let mut desired = desired(&sj.spec);
+    if let Some(e) = &invalid {
+        match &record.deployed {
+            Some(dep) => {
+                desired.spec_hash = dep.spec_hash.clone();
+                desired.restart_nonce = dep.restart_nonce;
+            }
+            None => {
+                // Nothing runs and nothing can start.
+                let mut next = status.clone();
+                let e = e.to_string();
+                next.observed_generation = sj.metadata.generation;
+                next.last_error = Some(e.clone());
+                set_condition(
+                    &mut next,
+                    "Degraded",
+                    true,
+                    "InvalidSpec",
+                    &e,
+                    sj.metadata.generation,
+                );
+                if next != status {
+                    write_status(&api, &sj, next).await?;
+                }
+                return Ok(Action::await_change());
+            }
+        }
     }
 
     let service = render::service(&sj);
@@ -329,9 +360,8 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         .list(&ListParams::default().labels(&render::selector(&sj)))
         .await?
         .items;
-    let observation = observe(pods);
-    let record = status.lifecycle.clone().unwrap_or_default();
-    let desired = desired(&sj.spec);
+    let mut observation = observe(pods);
+    read_workers(ctx, &record, &mut observation).await;
     let store_url = render::savepoint_store(&sj.spec);
     let s3 = sj.spec.storage.s3.clone();
     let savepoint = match awaited_savepoint(&record) {
@@ -351,16 +381,34 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
     };
     let decision = upgrade::decide(&desired, &record, &obs);
 
-    let report = worker_report(ctx, &decision.record, &observation).await;
-    let next = next_status(&sj, &status, &decision, &observation, report);
-    let next = retain_savepoints(ctx, &sj, next).await;
-    if next != status {
+    let report = worker_report(&decision.record, &observation);
+    let mut next = next_status(&sj, &status, &decision, &observation, report);
+    if let Some(e) = &invalid {
+        next.last_error = Some(e.to_string());
+        set_condition(
+            &mut next,
+            "Degraded",
+            true,
+            "InvalidSpec",
+            &e.to_string(),
+            sj.metadata.generation,
+        );
+    }
+    let expired = expired_savepoints(&sj, &mut next);
+    // Written whenever something will be done, even if unchanged: the write carries the
+    // resourceVersion this decision was made on, so a deposed leader (or any stale reader)
+    // gets 409 here instead of acting.
+    if next != status || !decision.actions.is_empty() || !expired.is_empty() {
         write_status(&api, &sj, next.clone()).await?;
     }
     // The record is persisted: act.
     for action in &decision.actions {
-        act(ctx, &sj, &next, &observation, action).await?;
+        if let Err(e) = act(ctx, &sj, &next, &observation, action).await {
+            publish(ctx, &sj, true, "ActionFailed", format!("{action:?}: {e}")).await;
+            return Err(e);
+        }
     }
+    dispose_savepoints(ctx, &sj, expired).await;
     // Answers the record no longer waits for are not needed again.
     let keep: Vec<String> = awaited_savepoint(&decision.record)
         .map(|id| render::wire_savepoint_id(&sj, &id))
@@ -394,21 +442,47 @@ async fn write_status(
     Ok(())
 }
 
-/// The workers' own figures, from the ready pods of the deployed generation.
-async fn worker_report(ctx: &Context, record: &Record, o: &Observation) -> Option<WorkerReport> {
-    let dep = record.deployed.as_ref()?;
-    let pods = o.pods.get(&dep.generation)?;
-    let mut report = WorkerReport {
-        generation: dep.generation,
-        ..Default::default()
+/// Ask the ready workers of the deployed generation for their figures; count the stopped.
+async fn read_workers(ctx: &Context, record: &Record, o: &mut Observation) {
+    let Some(dep) = record.deployed.as_ref() else {
+        return;
+    };
+    let Some(pods) = o.pods.get(&dep.generation) else {
+        return;
     };
     let calls: Vec<_> = pods
         .iter()
         .filter(|p| is_ready(p))
-        .filter_map(pod_addr)
-        .map(|addr| ctx.workers.metrics(addr))
+        .filter_map(|p| Some((p.name_any(), ctx.workers.metrics(pod_addr(p)?))))
         .collect();
-    for m in futures::future::join_all(calls).await.into_iter().flatten() {
+    let (names, calls): (Vec<String>, Vec<_>) = calls.into_iter().unzip();
+    for (name, m) in names
+        .into_iter()
+        .zip(futures::future::join_all(calls).await)
+    {
+        if let Ok(m) = m {
+            o.metrics.insert(name, m);
+        }
+    }
+    if let Some(p) = o.generations.get_mut(&dep.generation) {
+        p.stopped = o.metrics.values().filter(|m| m.stopped).count() as u32;
+    }
+}
+
+/// The workers' own figures, summed or at their minimum, for the status.
+fn worker_report(record: &Record, o: &Observation) -> Option<WorkerReport> {
+    let dep = record.deployed.as_ref()?;
+    let mut report = WorkerReport {
+        generation: dep.generation,
+        ..Default::default()
+    };
+    let names: Vec<String> = o
+        .pods
+        .get(&dep.generation)?
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    for m in names.iter().filter_map(|n| o.metrics.get(n)) {
         report.ready += u32::from(m.ready);
         report.lag += m.lag.max(0);
         report.events_per_second += m.events_per_second;
@@ -456,12 +530,27 @@ fn next_status(
         .and_then(|g| o.pods.get(&g))
         .map_or(0, |p| restarts(p));
     s.workers = workers;
-    // The spec a rollback returns to: remembered when its generation becomes stable.
+    // The spec each deployment was made from, and the one a rollback returns to.
+    let current = render::spec_hash(&sj.spec);
+    let prev_record = prev.lifecycle.as_ref();
+    if let Some(dep) = &d.record.deployed {
+        if dep.spec_hash == current && prev_record.and_then(|r| r.deployed.as_ref()) != Some(dep) {
+            s.deployed_spec = serde_json::to_string(&sj.spec).ok();
+        }
+    }
     if let Some(stable) = &d.record.last_stable {
-        if stable.spec_hash == render::spec_hash(&sj.spec)
-            && prev.lifecycle.as_ref().and_then(|r| r.last_stable.as_ref()) != Some(stable)
-        {
-            s.last_stable_spec = serde_json::to_string(&sj.spec).ok();
+        if prev_record.and_then(|r| r.last_stable.as_ref()) != Some(stable) {
+            let made_from = [
+                Some(&sj.spec).cloned(),
+                parse_spec(s.deployed_spec.as_deref()),
+            ];
+            if let Some(spec) = made_from
+                .into_iter()
+                .flatten()
+                .find(|spec| render::spec_hash(spec) == stable.spec_hash)
+            {
+                s.last_stable_spec = serde_json::to_string(&spec).ok();
+            }
         }
     }
     if d.record.last_savepoint
@@ -573,38 +662,50 @@ fn set_condition(
     s.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
 }
 
-/// Keep `savepointRetention.maxCount` savepoints: older ones are deleted from the store
-/// (never one a deployment restores from). A failed deletion keeps the entry for next time.
-async fn retain_savepoints(
-    ctx: &Context,
-    sj: &StreamJob,
-    mut s: StreamJobStatus,
-) -> StreamJobStatus {
+/// Keep `savepointRetention.maxCount` savepoints in the status (never dropping one a
+/// deployment restores from); returns the dropped ones, to be deleted from the store once
+/// the status is written.
+fn expired_savepoints(sj: &StreamJob, s: &mut StreamJobStatus) -> Vec<String> {
     let max = sj.spec.savepoint_retention.max_count.max(1) as usize;
     if s.savepoints.len() <= max {
-        return s;
+        return Vec::new();
     }
     let pinned = pinned_savepoints(s.lifecycle.as_ref());
+    let mut expired = Vec::new();
     let mut kept = Vec::new();
     for (i, info) in s.savepoints.drain(..).enumerate() {
         if i < max || pinned.contains(&info.location) {
             kept.push(info);
-            continue;
-        }
-        match ctx
-            .store
-            .dispose(info.location.clone(), sj.spec.storage.s3.clone())
-            .await
-        {
-            Ok(n) => tracing::info!(location = %info.location, objects = n, "disposed savepoint"),
-            Err(e) => {
-                tracing::warn!(location = %info.location, error = %e, "disposing savepoint failed");
-                kept.push(info);
-            }
+        } else {
+            expired.push(info.location);
         }
     }
     s.savepoints = kept;
-    s
+    expired
+}
+
+/// Delete savepoints from the store; a failure leaves the objects (and says so).
+async fn dispose_savepoints(ctx: &Context, sj: &StreamJob, locations: Vec<String>) {
+    for location in locations {
+        match ctx
+            .store
+            .dispose(location.clone(), sj.spec.storage.s3.clone())
+            .await
+        {
+            Ok(n) => tracing::info!(%location, objects = n, "disposed savepoint"),
+            Err(e) => {
+                tracing::warn!(%location, error = %e, "disposing savepoint failed");
+                publish(
+                    ctx,
+                    sj,
+                    true,
+                    "DisposeFailed",
+                    format!("savepoint {location} was not deleted: {e}"),
+                )
+                .await;
+            }
+        }
+    }
 }
 
 fn pinned_savepoints(record: Option<&Record>) -> Vec<String> {
@@ -631,20 +732,25 @@ fn spec_for(
     status: &StreamJobStatus,
     dep: &Deployment,
 ) -> Result<StreamJobSpec, Error> {
-    if render::spec_hash(&sj.spec) == dep.spec_hash {
-        return Ok(sj.spec.clone());
-    }
-    status
-        .last_stable_spec
-        .as_deref()
-        .and_then(|json| serde_json::from_str::<StreamJobSpec>(json).ok())
-        .filter(|spec| render::spec_hash(spec) == dep.spec_hash)
-        .ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "generation {} needs spec {}, which is neither the current nor the last stable one",
-                dep.generation, dep.spec_hash
-            ))
-        })
+    [
+        Some(sj.spec.clone()),
+        parse_spec(status.last_stable_spec.as_deref()),
+        parse_spec(status.deployed_spec.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|spec| render::spec_hash(spec) == dep.spec_hash)
+    .ok_or_else(|| {
+        Error::InvalidSpec(format!(
+            "generation {} needs spec {}, which is neither the current, the deployed nor the \
+             last stable one",
+            dep.generation, dep.spec_hash
+        ))
+    })
+}
+
+fn parse_spec(json: Option<&str>) -> Option<StreamJobSpec> {
+    serde_json::from_str(json?).ok()
 }
 
 async fn act(
@@ -677,7 +783,7 @@ async fn act(
                 .get(generation)
                 .into_iter()
                 .flatten()
-                .filter(|p| is_ready(p))
+                .filter(|p| is_ready(p) && p.metadata.deletion_timestamp.is_none())
                 .collect();
             pods.sort_by_key(|p| p.name_any());
             match pods.first().and_then(|p| pod_addr(p)) {
@@ -706,33 +812,57 @@ async fn act(
                 tracing::info!(job = %name, generation, pods = deleted, "deleting generation");
             }
         }
+        Step::RestartStoppedWorkers(generation) => {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            for pod in o.pods.get(generation).into_iter().flatten() {
+                let stopped = o.metrics.get(&pod.name_any()).is_some_and(|m| m.stopped);
+                if stopped && pod.metadata.deletion_timestamp.is_none() {
+                    tracing::warn!(job = %name, pod = %pod.name_any(), "restarting a worker left stopped by a failed savepoint");
+                    delete(&pods, &pod.name_any()).await?;
+                }
+            }
+        }
         Step::StartGeneration(dep) => {
             let spec = spec_for(sj, status, dep)?;
             let cfg = render::job_config(sj, &spec)?;
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            let cm = render::config_map(sj, &cfg, dep.generation)?;
-            Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-                .patch(
-                    &render::config_map_name(&name, dep.generation),
-                    &params,
-                    &Patch::Apply(&cm),
-                )
-                .await?;
+            // Created once: the ConfigMap is immutable, and a generation's job file never
+            // changes (an operator rendering it differently later must not touch it).
+            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+            let cm_name = render::config_map_name(&name, dep.generation);
+            if cms.get_opt(&cm_name).await?.is_none() {
+                let cm = render::config_map(sj, &cfg, dep.generation)?;
+                cms.patch(&cm_name, &params, &Patch::Apply(&cm)).await?;
+            }
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let mut started = 0;
             for index in 0..spec.parallelism {
                 let pod_name = render::pod_name(&name, dep.generation, index);
-                if o.pods
+                let existing = o
+                    .pods
                     .get(&dep.generation)
                     .into_iter()
                     .flatten()
-                    .any(|p| p.name_any() == pod_name)
-                {
-                    continue; // pods are immutable: one that exists stays as it is
+                    .find(|p| p.name_any() == pod_name);
+                match existing {
+                    // Pods are immutable: one that runs stays as it is.
+                    Some(p) if !has_ended(p) => {}
+                    // An ended pod makes room first; the next reconcile applies it again.
+                    Some(p) => {
+                        if p.metadata.deletion_timestamp.is_none() {
+                            delete(&pods, &pod_name).await?;
+                        }
+                    }
+                    None => {
+                        let pod = render::worker_pod(sj, &spec, dep, index);
+                        pods.patch(&pod_name, &params, &Patch::Apply(&pod)).await?;
+                        started += 1;
+                    }
                 }
-                let pod = render::worker_pod(sj, &spec, dep, index);
-                pods.patch(&pod_name, &params, &Patch::Apply(&pod)).await?;
             }
-            tracing::info!(job = %name, generation = dep.generation, workers = spec.parallelism, restore = ?dep.restored_from, "started generation");
+            if started > 0 {
+                tracing::info!(job = %name, generation = dep.generation, pods = started, workers = spec.parallelism, restore = ?dep.restored_from, "applied generation");
+            }
         }
     }
     Ok(())
@@ -883,12 +1013,8 @@ async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         locations.extend(status.last_savepoint.iter().map(|s| s.location.clone()));
         locations.sort();
         locations.dedup();
-        for location in locations {
-            ctx.store
-                .dispose(location.clone(), sj.spec.storage.s3.clone())
-                .await
-                .map_err(|e| Error::Store(format!("disposing savepoint {location}: {e}")))?;
-        }
+        // A deletion never hangs on the store: what cannot be deleted is named in an Event.
+        dispose_savepoints(ctx, sj, locations).await;
     }
     ctx.tracker.forget_job(&sj.uid().unwrap_or_default());
     publish(

@@ -33,6 +33,8 @@ use crate::upgrade::UpgradeMode;
     shortname = "sj",
     category = "riffle",
     status = "StreamJobStatus",
+    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("a StreamJob name is at most 40 characters of lowercase letters, digits and '-', starting with a letter (it names pods, a Service and label values)"),
     scale(
         spec_replicas_path = ".spec.parallelism",
         status_replicas_path = ".status.parallelism",
@@ -275,6 +277,10 @@ pub struct StreamJobStatus {
     /// The last stable spec, for rollbacks (JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_stable_spec: Option<String>,
+    /// The spec the deployed generation was started from (JSON): it becomes the last stable
+    /// one when that generation is ready, whatever the spec says by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed_spec: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Worker container restarts of the running generation.

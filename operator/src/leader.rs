@@ -189,35 +189,44 @@ impl Elector {
     pub async fn acquire(&self) {
         let mut seen = Seen::default();
         loop {
-            match self.round(&mut seen).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election: reading the lease failed"),
+            match tokio::time::timeout(self.timing.lease_duration, self.round(&mut seen)).await {
+                Ok(Ok(true)) => return,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "leader election: reading the lease failed")
+                }
+                Err(_) => tracing::warn!("leader election: the API server did not answer"),
             }
             tokio::time::sleep(self.timing.retry_period).await;
         }
     }
 
     /// Keep renewing; returns (an error) only when the lease is lost: another holder, or no
-    /// successful renewal within the renew deadline.
+    /// successful renewal within the renew deadline. Every call is bounded by what is left of
+    /// the deadline, so a request that never returns cannot keep a deposed leader acting.
     pub async fn hold(&self) -> Error {
         let mut seen = Seen::default();
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            match self.round(&mut seen).await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => {
-                    if let Ok(Some(l)) = self.api.get_opt(&self.name).await {
+            let left = self.timing.renew_deadline.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.round(&mut seen)).await {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => {
+                    let left = self.timing.renew_deadline.saturating_sub(renewed.elapsed());
+                    if let Ok(Ok(Some(l))) =
+                        tokio::time::timeout(left, self.api.get_opt(&self.name)).await
+                    {
                         let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
                         if holder != self.identity {
                             return Error::LostLease(format!("now held by {holder:?}"));
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "leader election: renewing failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewing failed"),
+                Err(_) => tracing::warn!("leader election: the renewal did not answer in time"),
             }
-            if renewed.elapsed() > self.timing.renew_deadline {
+            if renewed.elapsed() >= self.timing.renew_deadline {
                 return Error::LostLease(format!(
                     "not renewed within the renew deadline ({:?})",
                     self.timing.renew_deadline

@@ -12,9 +12,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec,
-    Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -329,6 +328,7 @@ pub fn worker_pod(sj: &StreamJob, spec: &StreamJobSpec, dep: &Deployment, index:
             ..Default::default()
         }),
         period_seconds: Some(period),
+        timeout_seconds: Some(2),
         failure_threshold: Some(failures),
         ..Default::default()
     };
@@ -350,7 +350,7 @@ pub fn worker_pod(sj: &StreamJob, spec: &StreamJobSpec, dep: &Deployment, index:
             container_port: i32::from(HTTP_PORT),
             ..Default::default()
         }]),
-        readiness_probe: Some(probe("/readyz", 2, 1)),
+        readiness_probe: Some(probe("/readyz", 2, 3)),
         // The API answers from start, while state is restored; only a hung process fails it.
         liveness_probe: Some(probe("/healthz", 10, 6)),
         resources: spec.resources.clone(),
@@ -378,18 +378,14 @@ pub fn worker_pod(sj: &StreamJob, spec: &StreamJobSpec, dep: &Deployment, index:
         }),
         ..Default::default()
     };
-    let security = overrides
-        .security_context
-        .clone()
-        .unwrap_or(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(65_532),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+    // The user's settings over restricted defaults (an fsGroup alone keeps the rest).
+    let mut security = overrides.security_context.clone().unwrap_or_default();
+    security.run_as_non_root = security.run_as_non_root.or(Some(true));
+    security.run_as_user = security.run_as_user.or(Some(65_532));
+    security.seccomp_profile = security.seccomp_profile.or(Some(SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..Default::default()
+    }));
     Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&job, dep.generation, index)),

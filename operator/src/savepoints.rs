@@ -161,7 +161,12 @@ impl Tracker {
         match tracked {
             Some(Tracked::Pending) => SavepointOutcome::Pending,
             Some(Tracked::Done(Ok(location))) => SavepointOutcome::Completed(location),
-            Some(Tracked::Done(Err(e))) => SavepointOutcome::Failed(e),
+            // The answer may have been lost after the savepoint completed (a connection cut
+            // while the manifest was written): the store has the last word.
+            Some(Tracked::Done(Err(e))) => match store.is_complete(location.clone(), s3).await {
+                Ok(true) => SavepointOutcome::Completed(location),
+                _ => SavepointOutcome::Failed(e),
+            },
             None => match store.is_complete(location.clone(), s3).await {
                 Ok(true) => SavepointOutcome::Completed(location),
                 Ok(false) => SavepointOutcome::NotRequested,

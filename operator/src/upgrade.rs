@@ -136,6 +136,8 @@ pub struct Pods {
     /// A container that cannot start or keeps failing (CrashLoopBackOff, image or command
     /// errors, phase Failed): the generation will not become Ready by waiting.
     pub failing: bool,
+    /// Workers that say they are stopped by a stop-with-savepoint (their inputs stay paused).
+    pub stopped: u32,
 }
 
 /// The answer to the savepoint request named in the journal or the pending trigger.
@@ -187,6 +189,10 @@ pub enum Action {
         stop: bool,
     },
     DeleteGeneration(u32),
+    /// Restart (delete, to be applied again) the workers of a generation that report being
+    /// stopped when the record expects them to run: a stop-with-savepoint that failed after
+    /// some workers had stopped. They resume from the generation's committed state.
+    RestartStoppedWorkers(u32),
     /// Create the pods of a generation rendered from the spec with `spec_hash` (the desired
     /// one, or the last stable one on rollback).
     StartGeneration(Deployment),
@@ -265,7 +271,7 @@ fn steady(desired: &Desired, obs: &Observed, d: &mut Decision) {
     }
     if !desired.running {
         match live {
-            Some(dep) => begin(desired, Purpose::Suspend, dep.clone(), d),
+            Some(dep) => begin(desired, Purpose::Suspend, dep.clone(), obs, d),
             None => d.phase = Phase::Suspended,
         }
         return;
@@ -292,21 +298,33 @@ fn steady(desired: &Desired, obs: &Observed, d: &mut Decision) {
     };
     let wanted = (desired.spec_hash.clone(), desired.restart_nonce);
     if d.record.rolled_back.as_ref() == Some(&wanted) {
-        // The desired spec was rolled back: keep the stable one until the spec changes.
+        // The desired spec failed: keep what runs until the spec changes.
+        let still_deployed = dep.spec_hash == desired.spec_hash;
         running(desired, dep, obs, d);
-        d.degraded_reason = "RolledBack";
-        d.degraded = Some(format!(
-            "spec {} was rolled back (not ready in time); change the spec or restartNonce \
-             to try again",
-            desired.spec_hash
-        ));
+        if still_deployed {
+            // Nothing stable to return to: the failed spec's pods stay.
+            d.phase = Phase::Failed;
+            d.degraded_reason = "ReadinessTimeout";
+            d.degraded = Some(format!(
+                "spec {} did not become ready within the readiness timeout and no earlier \
+                 spec ran; fix the spec (or change restartNonce) to try again",
+                desired.spec_hash
+            ));
+        } else {
+            d.degraded_reason = "RolledBack";
+            d.degraded = Some(format!(
+                "spec {} was rolled back (not ready in time); change the spec or restartNonce \
+                 to try again",
+                desired.spec_hash
+            ));
+        }
         return;
     }
     d.record.rolled_back = None;
     if dep.spec_hash != desired.spec_hash {
-        begin(desired, Purpose::Upgrade, dep, d);
+        begin(desired, Purpose::Upgrade, dep, obs, d);
     } else if dep.restart_nonce != desired.restart_nonce {
-        begin(desired, Purpose::Restart, dep, d);
+        begin(desired, Purpose::Restart, dep, obs, d);
     } else {
         running(desired, dep, obs, d);
     }
@@ -321,6 +339,7 @@ fn running(desired: &Desired, dep: Deployment, obs: &Observed, d: &mut Decision)
         // apply them again; the pods that exist stay as they are.
         d.actions.push(Action::StartGeneration(dep.clone()));
     }
+    restart_stopped(dep.generation, pods, d);
     if pods.ready >= pods.desired && pods.desired > 0 {
         if d.record.last_stable.as_ref() != Some(&dep) {
             d.record.last_stable = Some(dep.clone());
@@ -386,8 +405,22 @@ fn running(desired: &Desired, dep: Deployment, obs: &Observed, d: &mut Decision)
 }
 
 /// Open a journal for a transition away from the running generation `from`.
-fn begin(desired: &Desired, purpose: Purpose, from: Deployment, d: &mut Decision) {
-    let mode = desired.upgrade_mode;
+fn begin(desired: &Desired, purpose: Purpose, from: Deployment, obs: &Observed, d: &mut Decision) {
+    let mut mode = desired.upgrade_mode;
+    if mode == UpgradeMode::Savepoint && obs.pods(from.generation).ready == 0 {
+        // No worker runs to take a savepoint (say the generation crash-loops): its committed
+        // state is the restore point, as in lastState.
+        mode = UpgradeMode::LastState;
+        d.actions.push(event(
+            true,
+            "SavepointSkipped",
+            format!(
+                "generation {} has no ready worker to take a savepoint; restoring its last \
+                 committed state instead",
+                from.generation
+            ),
+        ));
+    }
     let mut j = Journal {
         purpose,
         step: Step::Stopping,
@@ -450,14 +483,33 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
         Step::Savepointing => {
             let generation = from_gen.expect("a savepoint is taken from a deployed generation");
             if let Some(at) = j.retry_at_ms {
+                let same_target = desired.upgrade_mode == UpgradeMode::Savepoint
+                    && desired.running == (j.purpose != Purpose::Suspend)
+                    && (j.purpose == Purpose::Suspend
+                        || (desired.spec_hash == j.to_hash
+                            && desired.restart_nonce == j.to_restart_nonce));
+                if !same_target {
+                    // Between attempts the old generation runs as before: drop the transition
+                    // and plan again for what is wanted now (another spec, mode or state).
+                    d.record.journal = None;
+                    d.actions.push(event(
+                        false,
+                        "Replanning",
+                        format!("the spec changed while the {:?} waited to retry", j.purpose),
+                    ));
+                    steady(desired, obs, d);
+                    return;
+                }
                 if obs.now_ms < at {
-                    d.requeue_ms = at - obs.now_ms;
+                    d.requeue_ms = (at - obs.now_ms).min(POLL_MS);
                     d.degraded_reason = "SavepointFailed";
                     d.degraded = Some(format!(
-                        "savepoint attempt {} failed; retrying in {} s",
+                        "savepoint attempt {} failed; the running generation keeps running, \
+                         next attempt {} s after the failure",
                         j.attempts,
-                        (at - obs.now_ms + 999) / 1000
+                        savepoint_backoff_ms(j.attempts) / 1000
                     ));
+                    restart_stopped(generation, obs.pods(generation), d);
                     d.record.journal = Some(j);
                     return;
                 }
@@ -545,9 +597,11 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
                 .clone()
                 .expect("waiting for a started generation");
             let pods = obs.pods(dep.generation);
-            if pods.existing == 0 {
+            let past_deadline = obs.now_ms >= j.deadline_ms.unwrap_or(i64::MAX);
+            if pods.existing == 0 && !past_deadline {
                 // Recorded as started but no pod exists (the operator stopped before
-                // creating them): create them now; applying them is idempotent.
+                // creating them, or the API refused them so far): create them now; applying
+                // them is idempotent. Past the deadline this counts as not ready.
                 d.actions.push(Action::StartGeneration(dep));
                 d.record.journal = Some(j);
                 return;
@@ -612,6 +666,8 @@ fn continue_journal(desired: &Desired, mut j: Journal, obs: &Observed, d: &mut D
                 d.degraded = Some(why.clone());
                 d.phase = Phase::Failed;
                 d.record.journal = None;
+                // Given up on this spec: it stays Degraded until the spec or nonce changes.
+                d.record.rolled_back = Some((dep.spec_hash.clone(), dep.restart_nonce));
                 d.actions.push(event(true, "ReadinessTimeout", why));
                 return;
             }
@@ -669,6 +725,24 @@ fn start(
     ));
     d.actions.push(Action::StartGeneration(dep));
     d.requeue_ms = POLL_MS;
+}
+
+/// Workers stopped although the record expects them to run (a savepoint attempt failed
+/// after they had stopped): restart them.
+fn restart_stopped(generation: u32, pods: Pods, d: &mut Decision) {
+    if pods.stopped == 0 {
+        return;
+    }
+    d.actions.push(Action::RestartStoppedWorkers(generation));
+    d.actions.push(event(
+        true,
+        "RestartingStoppedWorkers",
+        format!(
+            "{} worker(s) of generation {generation} stayed stopped after a failed savepoint; \
+             restarting them from their committed state",
+            pods.stopped
+        ),
+    ));
 }
 
 fn transition_phase(purpose: Purpose) -> Phase {
@@ -764,6 +838,11 @@ mod tests {
                 Action::DeleteGeneration(g) => {
                     self.generations.remove(g);
                 }
+                Action::RestartStoppedWorkers(g) => {
+                    if let Some(p) = self.generations.get_mut(g) {
+                        p.stopped = 0;
+                    }
+                }
                 Action::StartGeneration(dep) => {
                     let bad = self.bad.as_deref() == Some(dep.spec_hash.as_str());
                     self.generations.insert(
@@ -773,6 +852,7 @@ mod tests {
                             ready: if bad { 0 } else { 2 },
                             desired: 2,
                             failing: bad && self.bad_pods_fail,
+                            stopped: 0,
                         },
                     );
                     self.started.push(dep.clone());
@@ -1028,6 +1108,110 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_not_ready_in_time_with_nothing_else_to_run_stays_failed_until_the_spec_changes() {
+        let (mut record, mut cluster) = running_job("a");
+        // The restarted generation of the same spec never becomes ready: no other spec to
+        // roll back to.
+        cluster.bad = Some("a".into());
+        let mut want = desired("a");
+        want.restart_nonce = 1;
+        for _ in 0..20 {
+            let d = decide(&want, &record, &cluster.observe(&record));
+            record = d.record.clone();
+            for a in &d.actions {
+                cluster.apply(a);
+            }
+            cluster.now_ms += 10_000;
+        }
+        let started = cluster.started.len();
+        for _ in 0..3 {
+            let d = decide(&want, &record, &cluster.observe(&record));
+            assert_eq!(d.phase, Phase::Failed);
+            assert_eq!(d.degraded_reason, "ReadinessTimeout");
+            assert!(d
+                .actions
+                .iter()
+                .all(|a| !matches!(a, Action::StartGeneration(_))));
+        }
+        assert_eq!(cluster.started.len(), started, "no restart loop");
+        // A new spec is tried, from the committed state: no worker can take a savepoint.
+        cluster.bad = None;
+        let d = converge(&desired("b"), &mut record, &mut cluster, None);
+        assert_eq!(d.phase, Phase::Running);
+        assert!(d.degraded.is_none());
+        assert_eq!(
+            cluster.started.last().unwrap().restored_from,
+            Restore::Latest
+        );
+    }
+
+    #[test]
+    fn a_change_of_mind_between_savepoint_attempts_is_planned_again() {
+        let (mut record, mut cluster) = running_job("a");
+        cluster.savepoints_fail = true;
+        let d = decide(&desired("b"), &record, &cluster.observe(&record));
+        record = d.record.clone();
+        d.actions.iter().for_each(|a| cluster.apply(a));
+        let d = decide(&desired("b"), &record, &cluster.observe(&record));
+        record = d.record.clone();
+        assert!(
+            record.journal.as_ref().unwrap().retry_at_ms.is_some(),
+            "{d:?}"
+        );
+        // The user gives up on savepoints: stateless now, no waiting for the retry.
+        cluster.savepoints_fail = false;
+        let mut want = desired("c");
+        want.upgrade_mode = UpgradeMode::Stateless;
+        let d = decide(&want, &record, &cluster.observe(&record));
+        assert!(d.actions.iter().any(|a| matches!(
+            a,
+            Action::Event {
+                reason: "Replanning",
+                ..
+            }
+        )));
+        record = d.record.clone();
+        d.actions.iter().for_each(|a| cluster.apply(a));
+        let d = converge(&want, &mut record, &mut cluster, None);
+        assert_eq!(d.phase, Phase::Running);
+        assert_eq!(
+            cluster.started.last().unwrap().restored_from,
+            Restore::Fresh
+        );
+        assert_eq!(cluster.started.last().unwrap().spec_hash, "c");
+    }
+
+    #[test]
+    fn a_generation_whose_pods_never_appear_counts_as_not_ready_at_the_deadline() {
+        let (mut record, mut cluster) = running_job("a");
+        let d = converge(&desired("b"), &mut record, &mut cluster, Some((2, 0)));
+        let _ = d;
+        // Drive to WaitingReady for "c", then make its pods impossible (the API refuses them).
+        let want = desired("c");
+        let mut refused = None;
+        for _ in 0..20 {
+            let d = decide(&want, &record, &cluster.observe(&record));
+            record = d.record.clone();
+            for a in &d.actions {
+                match a {
+                    Action::StartGeneration(dep) if dep.spec_hash == "c" => {
+                        refused = Some(dep.generation)
+                    }
+                    a => cluster.apply(a),
+                }
+            }
+            if record.journal.is_none() {
+                break;
+            }
+            cluster.now_ms += 10_000;
+        }
+        assert!(refused.is_some());
+        let dep = record.deployed.clone().unwrap();
+        assert_eq!(dep.spec_hash, "b", "rolled back to the stable spec");
+        assert!(record.rolled_back.is_some());
+    }
+
+    #[test]
     fn suspend_takes_a_savepoint_and_resume_restores_it() {
         let (mut record, mut cluster) = running_job("a");
         let mut want = desired("a");
@@ -1084,6 +1268,7 @@ mod tests {
                 ready: 1,
                 desired: 1,
                 failing: false,
+                stopped: 0,
             },
         );
         let mut record = Record::default();
@@ -1117,6 +1302,7 @@ mod tests {
             ready: 1,
             desired: 2,
             failing: false,
+            stopped: 0,
         };
         let obs = Observed {
             now_ms: 0,
@@ -1130,6 +1316,53 @@ mod tests {
             Some(dep),
             "the same generation, completed"
         );
+    }
+
+    #[test]
+    fn workers_left_stopped_by_a_failed_savepoint_are_restarted_but_not_during_one() {
+        let (record, _) = running_job("a");
+        let g = record.deployed.as_ref().unwrap().generation;
+        let stopped = Pods {
+            existing: 2,
+            ready: 2,
+            desired: 2,
+            failing: false,
+            stopped: 1,
+        };
+        let obs = |savepoint| Observed {
+            now_ms: 0,
+            generations: BTreeMap::from([(g, stopped)]),
+            savepoint,
+        };
+        // Steady state: nothing should be stopped.
+        let d = decide(&desired("a"), &record, &obs(SavepointOutcome::NotRequested));
+        assert!(d.actions.contains(&Action::RestartStoppedWorkers(g)));
+        // An upgrade's savepoint in flight: stopping is what it does.
+        let d = decide(&desired("b"), &record, &obs(SavepointOutcome::NotRequested));
+        let j = d.record.journal.clone().unwrap();
+        assert_eq!(j.step, Step::Savepointing);
+        let d2 = decide(&desired("b"), &d.record, &obs(SavepointOutcome::Pending));
+        assert!(!d2.actions.contains(&Action::RestartStoppedWorkers(g)));
+        // It failed: until the retry, stopped workers are restarted.
+        let failed = decide(
+            &desired("b"),
+            &d.record,
+            &obs(SavepointOutcome::Failed("part upload".into())),
+        );
+        assert!(failed
+            .record
+            .journal
+            .as_ref()
+            .unwrap()
+            .retry_at_ms
+            .is_some());
+        let waiting = decide(
+            &desired("b"),
+            &failed.record,
+            &obs(SavepointOutcome::NotRequested),
+        );
+        assert!(waiting.actions.contains(&Action::RestartStoppedWorkers(g)));
+        assert!(waiting.degraded.unwrap().contains("keeps running"));
     }
 
     #[test]

@@ -173,6 +173,12 @@ impl ApiServer {
             .on(Method::PATCH, SERVICE, [Answer::echo(200)])
             .on(Method::GET, PODS, [Answer::json(200, pod_list(vec![]))])
             .on(Method::PUT, STATUS, [Answer::echo(200)])
+            // A new generation's ConfigMap does not exist yet (it is created once).
+            .on(
+                Method::GET,
+                CONFIG_MAPS,
+                [Answer::status(404, "NotFound", "configmaps not found")],
+            )
             .on(Method::PATCH, CONFIG_MAPS, [Answer::echo(200)])
             .on(Method::PATCH, PODS, [Answer::echo(200)])
             .on(Method::POST, EVENTS, [Answer::echo(201)])

@@ -98,8 +98,10 @@ async fn savepoint(State(api): State<Api>, body: axum::body::Bytes) -> Response 
         }
     };
     let m = &api.metrics;
+    // A stopped distributed worker still answers a repeat of the savepoint that stopped it.
+    let worker = matches!(api.control, ControlSender::Worker(_));
     if m.finished.load(std::sync::atomic::Ordering::Relaxed)
-        || m.stopped.load(std::sync::atomic::Ordering::Relaxed)
+        || (m.stopped.load(std::sync::atomic::Ordering::Relaxed) && !worker)
     {
         return err(
             StatusCode::CONFLICT,

@@ -199,11 +199,20 @@ impl World {
     }
 
     async fn create(&self) {
+        self.create_with(json!({})).await;
+    }
+
+    /// Create the job with these spec fields on top of [`World::spec`].
+    async fn create_with(&self, extra: Value) {
+        let mut spec = self.spec();
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
         let sj = json!({
             "apiVersion": "riffle.dev/v1alpha1",
             "kind": "StreamJob",
             "metadata": {"name": self.name},
-            "spec": self.spec(),
+            "spec": spec,
         });
         self.jobs()
             .create(&PostParams::default(), &serde_json::from_value(sj).unwrap())
@@ -402,7 +411,7 @@ async fn finish_and_verify(world: &World, input: &Input) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     let _serial = SERIAL.lock().await;
-    let (world, overlap, sj) = World::running("op-life", &["op-a"]).await;
+    let (mut world, overlap, sj) = World::running("op-life", &["op-a"]).await;
     assert_eq!(
         sj.status.as_ref().unwrap().selector.as_deref(),
         Some("riffle.dev/job=recs")
@@ -657,6 +666,25 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
         await_condition_list(&config_maps, "riffle.dev/job=recs").await,
         "ConfigMaps are garbage collected"
     );
+
+    // A new job (another name, another runtime identity) starts from the final savepoint.
+    world.name = "recs-copy".into();
+    world
+        .create_with(json!({"initialSavepointPath": last, "savepointOnDeletion": false}))
+        .await;
+    let copy = world.wait_running(1, 2).await;
+    let restored = copy
+        .status
+        .unwrap()
+        .lifecycle
+        .unwrap()
+        .deployed
+        .unwrap()
+        .restored_from;
+    assert_eq!(
+        restored,
+        riffle_operator::upgrade::Restore::Savepoint(last.clone())
+    );
 }
 
 /// Whether a savepoint's job-wide manifest is in the store.
@@ -757,6 +785,50 @@ async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
             Some("riffle-runtime:test")
         );
     }
+
+    // Someone stops the job behind the operator's back (`riffle savepoint --stop` on a
+    // worker): the operator restarts the stopped workers, which resume their commits.
+    let pods = world.worker_pods().await;
+    let ip = pods[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let (code, body) = tokio::task::block_in_place(|| {
+        common::cluster::try_http(
+            &format!("{ip}:9250"),
+            "POST",
+            "/savepoint",
+            r#"{"id":"by-hand","stop":true}"#,
+        )
+    })
+    .expect("POST /savepoint");
+    assert_eq!(code, 200, "{body}");
+    let stopped: BTreeSet<String> = pods.iter().map(|p| p.uid().unwrap()).collect();
+    world
+        .env
+        .wait_list(
+            world.env.api::<Pod>(),
+            "riffle.dev/job=recs",
+            "both workers replaced and ready",
+            move |pods: &[Pod]| {
+                pods.len() == 2
+                    && pods.iter().all(|p| {
+                        !stopped.contains(&p.uid().unwrap()) && riffle_e2e::testenv::pod_ready(p)
+                    })
+            },
+        )
+        .await;
+    let events: Vec<String> = world
+        .env
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        events.iter().any(|r| r == "RestartingStoppedWorkers"),
+        "{events:?}"
+    );
 
     tokio::task::block_in_place(|| sender.join().unwrap());
     finish_and_verify(&world, &input).await;

@@ -360,7 +360,11 @@ impl Worker {
                         sp.key_groups
                     )));
                 }
-                RestoreRequest::Savepoint { gen: sp.gen }
+                // Generations order one job's runs; another job's savepoint (a new job
+                // started from it) precedes every generation of this one.
+                RestoreRequest::Savepoint {
+                    gen: if sp.job == cfg.name { sp.gen } else { 0 },
+                }
             }
             (RestoreArg::Savepoint(_), None) => unreachable!("read above"),
         };

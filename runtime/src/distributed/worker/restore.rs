@@ -110,6 +110,7 @@ impl Worker {
             }
             StartMode::Savepoint => {
                 let (dir, sp) = savepoint.expect("savepoint mode has a savepoint");
+                let foreign = sp.job != self.cfg.name;
                 let mut by_part: BTreeMap<Option<String>, Vec<u32>> = BTreeMap::new();
                 let mut manifests = Vec::new();
                 for p in &sp.parts {
@@ -151,7 +152,15 @@ impl Worker {
                         inbox.adopt_queues(old);
                         inboxes.insert(kg, inbox);
                         through.insert(kg, m.item_wm);
-                        self.exchange_next.insert(kg, g.exchange_offset);
+                        // Another job's savepoint (a new StreamJob started from it) names offsets
+                        // of that job's exchange topic: this job's is read from its start (the
+                        // savepoint has nothing in flight).
+                        let exchange_from = if foreign {
+                            ends[&kg].2
+                        } else {
+                            g.exchange_offset
+                        };
+                        self.exchange_next.insert(kg, exchange_from);
                         let hi = ends[&kg].1;
                         self.changelog_next.insert(kg, hi);
                         self.state_refs.insert(
@@ -159,7 +168,7 @@ impl Worker {
                             StateRef {
                                 part: Some(url.clone()),
                                 changelog_offset: hi,
-                                exchange_offset: g.exchange_offset,
+                                exchange_offset: exchange_from,
                                 table_gen: gen,
                                 table_senders: workers,
                             },

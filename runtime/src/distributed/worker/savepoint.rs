@@ -10,7 +10,27 @@ impl Worker {
         let requests: Vec<WorkerControl> = rx.try_iter().collect();
         for WorkerControl::Savepoint { id, stop, reply } in requests {
             if self.metrics.stopped.load(Relaxed) {
-                let _ = reply.send(Err("the job is stopped".into()));
+                // The savepoint that stopped the job, asked for again (its caller lost the
+                // answer): the same answer. Anything else finds the job stopped.
+                let last = self
+                    .metrics
+                    .last_savepoint
+                    .lock()
+                    .expect("metrics lock")
+                    .clone();
+                let answer = match (&id, last) {
+                    (Some(id), Some(location)) if location.ends_with(&format!("/{id}")) => {
+                        Ok(SavepointInfo {
+                            id: id.clone(),
+                            location,
+                            part: String::new(),
+                            stop: true,
+                            duration_ms: 0,
+                        })
+                    }
+                    _ => Err("the job is stopped".into()),
+                };
+                let _ = reply.send(answer);
                 continue;
             }
             let id = id.unwrap_or_else(|| format!("sp-{}", now_ms()));
