@@ -274,6 +274,19 @@ impl World {
         .await
     }
 
+    /// The reasons of the Events in the test's namespace.
+    async fn event_reasons(&self) -> Vec<String> {
+        self.env
+            .api::<k8s_openapi::api::events::v1::Event>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
     async fn worker_pods(&self) -> Vec<Pod> {
         self.env
             .api::<Pod>()
@@ -591,16 +604,7 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     overlap.assert_never_overlapped();
 
     // Events tell the story; the metrics count the work.
-    let events: Vec<String> = world
-        .env
-        .api::<k8s_openapi::api::events::v1::Event>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let events = world.event_reasons().await;
     for reason in [
         "Starting",
         "Upgrading",
@@ -735,6 +739,8 @@ where
 /// MinIO down during an upgrade's savepoint: the old generation keeps running and Degraded
 /// says why; once MinIO is back the retry upgrades. Then an image without a binary: the new
 /// generation fails, and the job rolls back to the last stable spec from the same savepoint.
+/// Then a stop-with-savepoint by hand (the operator restarts the stopped workers), a
+/// triggered savepoint and a restart by nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
     let _serial = SERIAL.lock().await;
@@ -815,19 +821,39 @@ async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
             },
         )
         .await;
-    let events: Vec<String> = world
-        .env
-        .api::<k8s_openapi::api::events::v1::Event>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let events = world.event_reasons().await;
     assert!(
         events.iter().any(|r| r == "RestartingStoppedWorkers"),
         "{events:?}"
+    );
+
+    // savepointTriggerNonce: a savepoint, and the same generation goes on.
+    world.patch_spec(json!({"savepointTriggerNonce": 1})).await;
+    let sj = world
+        .wait("the triggered savepoint", |sj| {
+            sj.status
+                .as_ref()
+                .and_then(|s| s.last_savepoint.as_ref())
+                .is_some_and(|l| l.location.contains("sp-trigger-1-4"))
+        })
+        .await;
+    let lifecycle = sj.status.unwrap().lifecycle.unwrap();
+    assert_eq!(lifecycle.deployed.unwrap().generation, 4);
+    assert!(lifecycle.pending_savepoint.is_none());
+    // restartNonce: a restart through a savepoint, in generation 5.
+    world.patch_spec(json!({"restartNonce": 1})).await;
+    let sj = world.wait_running(5, 2).await;
+    let restored = sj
+        .status
+        .unwrap()
+        .lifecycle
+        .unwrap()
+        .deployed
+        .unwrap()
+        .restored_from;
+    assert!(
+        matches!(&restored, riffle_operator::upgrade::Restore::Savepoint(l) if l.contains("sp-restart-g4")),
+        "{restored:?}"
     );
 
     tokio::task::block_in_place(|| sender.join().unwrap());
