@@ -827,6 +827,22 @@ async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
         "{events:?}"
     );
 
+    // The image is put back: that is the spec that runs, so nothing restarts and the
+    // rollback is over. (A restartNonce alone would try the bad image again.)
+    world
+        .patch_spec(json!({"image": "riffle-runtime:test"}))
+        .await;
+    let sj = world
+        .wait("Degraded cleared", |sj| {
+            condition(sj, "Degraded") == Some("False")
+        })
+        .await;
+    let deployed = sj.status.unwrap().lifecycle.unwrap().deployed.unwrap();
+    assert_eq!(
+        deployed.generation, 4,
+        "the stable spec needs no new generation"
+    );
+
     // savepointTriggerNonce: a savepoint, and the same generation goes on.
     world.patch_spec(json!({"savepointTriggerNonce": 1})).await;
     let sj = world
