@@ -314,6 +314,15 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The generation the status says is deployed.
+fn deployed_of(sj: &StreamJob) -> riffle_operator::upgrade::Deployment {
+    sj.status
+        .as_ref()
+        .and_then(|s| s.lifecycle.as_ref())
+        .and_then(|l| l.deployed.clone())
+        .expect("a deployed generation")
+}
+
 fn condition<'a>(sj: &'a StreamJob, type_: &str) -> Option<&'a str> {
     sj.status
         .as_ref()?
@@ -587,13 +596,7 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
         .patch_spec(json!({"upgradeMode": "lastState", "dataflow": {"topK": 14}}))
         .await;
     let upgraded = world.wait_running(6, 3).await;
-    let deployed = upgraded
-        .status
-        .unwrap()
-        .lifecycle
-        .unwrap()
-        .deployed
-        .unwrap();
+    let deployed = deployed_of(&upgraded);
     assert_eq!(
         deployed.restored_from,
         riffle_operator::upgrade::Restore::Latest
@@ -677,14 +680,7 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
         .create_with(json!({"initialSavepointPath": last, "savepointOnDeletion": false}))
         .await;
     let copy = world.wait_running(1, 2).await;
-    let restored = copy
-        .status
-        .unwrap()
-        .lifecycle
-        .unwrap()
-        .deployed
-        .unwrap()
-        .restored_from;
+    let restored = deployed_of(&copy).restored_from;
     assert_eq!(
         restored,
         riffle_operator::upgrade::Restore::Savepoint(last.clone())
@@ -837,7 +833,7 @@ async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
             condition(sj, "Degraded") == Some("False")
         })
         .await;
-    let deployed = sj.status.unwrap().lifecycle.unwrap().deployed.unwrap();
+    let deployed = deployed_of(&sj);
     assert_eq!(
         deployed.generation, 4,
         "the stable spec needs no new generation"
@@ -859,14 +855,7 @@ async fn a_failed_savepoint_keeps_the_job_running_and_a_bad_image_rolls_back() {
     // restartNonce: a restart through a savepoint, in generation 5.
     world.patch_spec(json!({"restartNonce": 1})).await;
     let sj = world.wait_running(5, 2).await;
-    let restored = sj
-        .status
-        .unwrap()
-        .lifecycle
-        .unwrap()
-        .deployed
-        .unwrap()
-        .restored_from;
+    let restored = deployed_of(&sj).restored_from;
     assert!(
         matches!(&restored, riffle_operator::upgrade::Restore::Savepoint(l) if l.contains("sp-restart-g4")),
         "{restored:?}"
