@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use reference::from_config::ref_params;
-use reference::{RefEvent, RefItemStats, RefType};
+use reference::from_config::{ref_event, ref_params};
+use reference::{RefEvent, RefItemStats};
 use riffle_runtime::config::{DataflowConfig, Duration, JobConfig, SourceConfig, Weights};
 use riffle_runtime::dataflow::output::{ItemStats, LateEvent, Recommendation};
 use riffle_runtime::engine::{Engine, Restore};
@@ -125,19 +125,7 @@ fn read_order(parts: &[Vec<Event>], max_batch: usize) -> Vec<RefEvent> {
         for (pi, p) in parts.iter().enumerate() {
             let end = (next[pi] + per).min(p.len());
             for e in &p[next[pi]..end] {
-                out.push(RefEvent {
-                    partition: pi as u32,
-                    event_id: e.event_id.to_string(),
-                    user_id: e.user_id.to_string(),
-                    item_id: e.item_id.to_string(),
-                    kind: match e.kind {
-                        EventType::View => RefType::View,
-                        EventType::Click => RefType::Click,
-                        EventType::Cart => RefType::Cart,
-                        EventType::Purchase => RefType::Purchase,
-                    },
-                    ts: e.ts,
-                });
+                out.push(ref_event(e, pi as u32));
             }
             next[pi] = end;
         }

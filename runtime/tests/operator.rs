@@ -274,6 +274,21 @@ impl World {
         .await
     }
 
+    /// Set or remove the `riffle.dev/pause-reconciliation` annotation.
+    async fn set_paused(&self, paused: bool) {
+        let value = if paused { json!("true") } else { Value::Null };
+        self.jobs()
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"riffle.dev/pause-reconciliation": value}}}),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+
     /// The reasons of the Events in the test's namespace.
     async fn event_reasons(&self) -> Vec<String> {
         self.env
@@ -538,17 +553,7 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
     }
 
     // Paused: a spec change is seen and left alone, until the annotation goes.
-    world
-        .jobs()
-        .patch(
-            "recs",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"riffle.dev/pause-reconciliation": "true"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    world.set_paused(true).await;
     world.patch_spec(json!({"dataflow": {"topK": 16}})).await;
     let paused_at = world.jobs().get("recs").await.unwrap().metadata.generation;
     let sj = world
@@ -560,35 +565,13 @@ async fn the_lifecycle_of_a_job_is_exactly_once_and_never_overlaps() {
             })
         })
         .await;
-    assert_eq!(
-        sj.status
-            .as_ref()
-            .unwrap()
-            .lifecycle
-            .as_ref()
-            .unwrap()
-            .deployed
-            .as_ref()
-            .unwrap()
-            .generation,
-        4
-    );
+    assert_eq!(deployed_of(&sj).generation, 4);
     assert!(world
         .worker_pods()
         .await
         .iter()
         .all(|p| p.labels()["riffle.dev/generation"] == "4"));
-    world
-        .jobs()
-        .patch(
-            "recs",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"riffle.dev/pause-reconciliation": null}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    world.set_paused(false).await;
     world.wait_running(5, 3).await;
 
     // A lastState upgrade: no savepoint, generation 6 resumes the committed state.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::cluster::{Bed, Record};
-use crate::reference::from_config::ref_params;
-use crate::reference::{self, RefEvent, RefItemStats, RefType};
+use crate::reference::from_config::{ref_event, ref_params};
+use crate::reference::{self, RefEvent, RefItemStats};
 use riffle_runtime::config::{DataflowConfig, Duration as Dur, GeneratorConfig};
 use riffle_runtime::event::{Event, EventType};
 use riffle_runtime::keygroup::key_group;
@@ -89,19 +89,7 @@ pub fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
             serde_json::to_vec(e).unwrap(),
         ));
         out.valid.insert(e.event_id.to_string());
-        out.events.push(RefEvent {
-            partition: p as u32,
-            event_id: e.event_id.to_string(),
-            user_id: e.user_id.to_string(),
-            item_id: e.item_id.to_string(),
-            kind: match e.kind {
-                EventType::View => RefType::View,
-                EventType::Click => RefType::Click,
-                EventType::Cart => RefType::Cart,
-                EventType::Purchase => RefType::Purchase,
-            },
-            ts: e.ts,
-        });
+        out.events.push(ref_event(e, p as u32));
     };
     let mut max_ts = 0;
     let mut n = 0u64;

@@ -2,8 +2,26 @@
 //! the reference itself never sees a runtime type.
 
 use riffle_runtime::config::DataflowConfig;
+use riffle_runtime::event::{Event, EventType};
 
-use super::RefParams;
+use super::{RefEvent, RefParams, RefType};
+
+/// A runtime event as the reference reads it, from input partition `partition`.
+pub fn ref_event(e: &Event, partition: u32) -> RefEvent {
+    RefEvent {
+        partition,
+        event_id: e.event_id.to_string(),
+        user_id: e.user_id.to_string(),
+        item_id: e.item_id.to_string(),
+        kind: match e.kind {
+            EventType::View => RefType::View,
+            EventType::Click => RefType::Click,
+            EventType::Cart => RefType::Cart,
+            EventType::Purchase => RefType::Purchase,
+        },
+        ts: e.ts,
+    }
+}
 
 /// The reference's parameters for a runtime dataflow configuration.
 pub fn ref_params(df: &DataflowConfig) -> RefParams {
