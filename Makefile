@@ -29,6 +29,14 @@ test: deps
 	eval "$$(e2e/testbed/testbed env)" && $(CARGO) test --workspace --no-fail-fast; \
 	  rc=$$?; e2e/testbed/testbed down; exit $$rc
 
+## The test bed for interactive use and the README's walkthrough: the binaries, the test bed,
+## and one node (riffle-node) running the riffle-runtime and riffle-operator images.
+.PHONY: testbed
+testbed: deps
+	$(CARGO) build --workspace --bins
+	e2e/testbed/testbed up
+	e2e/testbed/testbed node-up
+
 ## Criterion micro-benchmarks and the whole-pipeline benchmark (release build).
 bench: deps
 	$(CARGO) bench --workspace --bench dataflow
@@ -58,11 +66,13 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Regenerate crds/ from operator/src/crd.rs (a test fails while crds/ is stale).
+## Regenerate crds/ from operator/src/crd.rs, and the Helm chart's copy (tests fail while
+## either is stale).
 .PHONY: crds
 crds:
 	$(CARGO) build -q --workspace --bin crdgen
 	$(CARGO_TARGET_DIR)/debug/crdgen
+	cp crds/streamjob.yaml charts/riffle-operator/files/crds/streamjob.yaml
 
 -include e2e/testbed.mk
 

@@ -306,6 +306,13 @@ pub struct KafkaSourceConfig {
     pub topics: Vec<String>,
     #[serde(default)]
     pub start_offsets: StartOffsets,
+    /// At most this many input records per second **per worker**: each input record
+    /// occupies its worker for at least `1 / maxRecordsPerSecond`, and that time counts as
+    /// busy (a per-record cost: a worker at 60 % of the limit is 60 % busy). For load tests
+    /// and for sparing a fragile downstream; the autoscaler sees the limit as capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
+    pub max_records_per_second: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -18,9 +18,12 @@ use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::{predicates, reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 
+use crate::autoscaler::Verdict;
+use crate::autoscaling::{self, Look, Windows};
 use crate::crd::{
     Condition, JobState, SavepointInfo, StreamJob, StreamJobSpec, StreamJobStatus, WorkerReport,
 };
+use crate::lag::LagSource;
 use crate::metrics::Metrics;
 use crate::render::{self, ANNOTATION_PAUSE, ANNOTATION_WORKERS, LABEL_GENERATION, LABEL_JOB};
 use crate::savepoints::{SavepointStore, Tracker};
@@ -46,6 +49,10 @@ pub struct Context {
     pub store: Arc<dyn SavepointStore>,
     pub tracker: Tracker,
     pub metrics: Arc<Metrics>,
+    /// Where the autoscaler reads the job's offsets.
+    pub lag: Arc<dyn LagSource>,
+    /// The autoscaler's open metrics windows.
+    pub windows: Windows,
 }
 
 impl Context {
@@ -55,6 +62,7 @@ impl Context {
         workers: Arc<dyn WorkerApi>,
         store: Arc<dyn SavepointStore>,
         metrics: Arc<Metrics>,
+        lag: Arc<dyn LagSource>,
     ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
@@ -63,14 +71,38 @@ impl Context {
             store,
             tracker: Tracker::default(),
             metrics,
+            lag,
+            windows: Windows::default(),
         }
     }
 }
 
-/// Run the controller until shutdown: StreamJobs (in `namespace`, or all) and the pods they
-/// own. Only changes of spec, annotations, deletion and finalizers trigger a reconcile, not
-/// the operator's own status writes; timers (from the decision) and pod events do the rest.
+/// Run the controller until shutdown: StreamJobs (in each of `namespaces`, or all when it is
+/// empty) and the pods they own. Only changes of spec, annotations, deletion and finalizers
+/// trigger a reconcile, not the operator's own status writes; timers (from the decision) and
+/// pod events do the rest. Several namespaces get one controller each (one watch per
+/// namespace, so RBAC can be Roles in those namespaces only), sharing the context.
 pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_scope(ctx.clone(), ns, shutdown.clone())),
+    )
+    .await;
+}
+
+async fn run_scope(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
@@ -307,6 +339,12 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let uid = sj.uid().unwrap_or_default();
+    // The autoscaler's choice replaces spec.parallelism in everything below (hash, pods,
+    // job file); the user's spec is kept for the autoscaler itself.
+    let user_spec = sj.spec.clone();
+    let mut sj = sj;
+    sj.spec.parallelism =
+        autoscaling::effective_parallelism(&user_spec, status.autoscaler.as_ref());
 
     // A spec the runtime would refuse never reaches a pod: the job goes on with the spec it
     // runs (transitions in flight continue, lost pods are replaced), and the status says why.
@@ -317,13 +355,9 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let record = status.lifecycle.clone().unwrap_or_default();
-    let mut desired = desired(&sj.spec);
     if let Some(e) = &invalid {
         match &record.deployed {
-            Some(dep) => {
-                desired.spec_hash = dep.spec_hash.clone();
-                desired.restart_nonce = dep.restart_nonce;
-            }
+            Some(_) => {}
             None => {
                 // Nothing runs and nothing can start.
                 let mut next = status.clone();
@@ -362,6 +396,36 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         .items;
     let mut observation = observe(pods);
     read_workers(ctx, &record, &mut observation).await;
+
+    let now = now_ms();
+    let (autoscaled, decided) = match render::job_config(&sj, &sj.spec) {
+        Ok(cfg) if invalid.is_none() => {
+            let group = cfg.internal_topic_prefix();
+            let look = Look {
+                uid: &uid,
+                spec: &user_spec,
+                status: &status,
+                record: &record,
+                pods: record
+                    .deployed
+                    .as_ref()
+                    .and_then(|d| observation.generations.get(&d.generation).copied()),
+                metrics: &observation.metrics,
+                group: &group,
+                now_ms: now,
+            };
+            autoscaling::step(&ctx.windows, ctx.lag.as_ref(), look).await
+        }
+        _ => (status.autoscaler.clone(), None),
+    };
+    sj.spec.parallelism = autoscaling::effective_parallelism(&user_spec, autoscaled.as_ref());
+    let mut desired = desired(&sj.spec);
+    if invalid.is_some() {
+        if let Some(dep) = &record.deployed {
+            desired.spec_hash = dep.spec_hash.clone();
+            desired.restart_nonce = dep.restart_nonce;
+        }
+    }
     let store_url = render::savepoint_store(&sj.spec);
     let s3 = sj.spec.storage.s3.clone();
     let savepoint = match awaited_savepoint(&record) {
@@ -375,7 +439,7 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         None => SavepointOutcome::NotRequested,
     };
     let obs = Observed {
-        now_ms: now_ms(),
+        now_ms: now,
         generations: observation.generations.clone(),
         savepoint,
     };
@@ -394,12 +458,29 @@ async fn apply(cached: &StreamJob, ctx: &Context) -> Result<Action, Error> {
             sj.metadata.generation,
         );
     }
+    next.autoscaler = autoscaled;
     let expired = expired_savepoints(&sj, &mut next);
     // Written whenever something will be done, even if unchanged: the write carries the
     // resourceVersion this decision was made on, so a deposed leader (or any stale reader)
     // gets 409 here instead of acting.
     if next != status || !decision.actions.is_empty() || !expired.is_empty() {
         write_status(&api, &sj, next.clone()).await?;
+    }
+    if let Some(d) = &decided {
+        ctx.metrics.autoscaler_decided(&ns, &name, d);
+        if d.verdict != Verdict::Keep {
+            let reason = match (d.applied, d.verdict) {
+                (true, Verdict::ScaleUp) => "AutoscalerScaleUp",
+                (true, _) => "AutoscalerScaleDown",
+                (false, _) => "AutoscalerRecommendation",
+            };
+            let note = if d.applied {
+                d.message.clone()
+            } else {
+                format!("{} ({}): {}", d.recommended, d.reason, d.message)
+            };
+            publish(ctx, &sj, false, reason, note).await;
+        }
     }
     // The record is persisted: act.
     for action in &decision.actions {
@@ -1017,6 +1098,9 @@ async fn cleanup(sj: &StreamJob, ctx: &Context) -> Result<Action, Error> {
         dispose_savepoints(ctx, sj, locations).await;
     }
     ctx.tracker.forget_job(&sj.uid().unwrap_or_default());
+    ctx.windows.forget(&sj.uid().unwrap_or_default());
+    ctx.metrics
+        .forget_job(&sj.namespace().unwrap_or_default(), &sj.name_any());
     publish(
         ctx,
         sj,

@@ -44,7 +44,7 @@ use crate::upgrade::UpgradeMode;
     printcolumn(
         name = "Parallelism",
         type_ = "integer",
-        json_path = ".spec.parallelism"
+        json_path = ".status.parallelism"
     ),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.workers.lag"),
     printcolumn(name = "Restarts", type_ = "integer", json_path = ".status.restarts"),
@@ -62,6 +62,8 @@ use crate::upgrade::UpgradeMode;
 )]
 #[x_kube(validation = Rule::new("self.parallelism <= self.keyGroups")
     .message("parallelism must not exceed keyGroups: each worker owns at least one key group"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaler) || !self.autoscaler.enabled || self.upgradeMode != 'stateless'")
+    .message("the autoscaler rescales through savepoints or checkpoints: upgradeMode stateless would drop the state at every rescale"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.keyGroups) || self.keyGroups == oldSelf.keyGroups")
     .message("keyGroups is fixed for the life of a job (it is the partition count of its internal topics); create a new job to change it"))]
 #[serde(rename_all = "camelCase")]
@@ -134,7 +136,7 @@ pub struct StreamJobSpec {
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_template: Option<PodOverrides>,
-    /// Lag-based autoscaling of `parallelism` (filled by the autoscaler).
+    /// Lag-driven autoscaling between `minParallelism` and `maxParallelism`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaler: Option<Autoscaler>,
 }
@@ -144,6 +146,13 @@ fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+fn opaque_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": { "type": "object", "x-kubernetes-preserve-unknown-fields": true }
     })
 }
 
@@ -233,18 +242,91 @@ pub struct PodOverrides {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// Bounds of lag-based autoscaling.
-#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Lag-driven autoscaling (see `operator/src/autoscaler.rs` for the decision). The
+/// autoscaler's choice lives in `status.autoscaler.parallelism`, so `spec.parallelism` stays
+/// what the user wrote (GitOps tools see no drift); a change of `spec.parallelism`
+/// (`kubectl scale`) replaces the autoscaler's choice, which goes on from there.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[x_kube(validation = Rule::new("self.minParallelism <= self.maxParallelism")
     .message("autoscaler.minParallelism must not exceed autoscaler.maxParallelism"))]
+#[x_kube(validation = Rule::new("duration(self.metricsWindow).getSeconds() >= 10")
+    .message("autoscaler.metricsWindow must be at least 10s (worker figures refresh every few seconds)"))]
 #[serde(rename_all = "camelCase")]
 pub struct Autoscaler {
     #[serde(default)]
     pub enabled: bool,
+    #[serde(default = "one")]
     #[schemars(range(min = 1))]
     pub min_parallelism: u32,
     #[schemars(range(min = 1))]
     pub max_parallelism: u32,
+    /// Share of a worker's capacity the load may use after a rescale (headroom for bursts).
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 0.1, max = 1.0))]
+    pub target_utilization: f64,
+    /// The lag should be worked off within this, on top of the input rate.
+    #[serde(default = "default_catch_up")]
+    pub catch_up_duration: Duration,
+    /// Rates and busy shares are averaged over this.
+    #[serde(default = "default_metrics_window")]
+    pub metrics_window: Duration,
+    /// After a (re)start, metrics are ignored for this long (restore, catch-up, warm caches).
+    #[serde(default = "default_stabilization")]
+    pub stabilization_interval: Duration,
+    /// A scale-down happens only when every recommendation of this long was lower.
+    #[serde(default = "default_scale_down_delay")]
+    pub scale_down_delay: Duration,
+    #[serde(default = "default_max_rescales")]
+    #[schemars(range(min = 1))]
+    pub max_rescales_per_hour: u32,
+    /// Decide and record, but do not rescale.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_target_utilization() -> f64 {
+    0.7
+}
+fn default_catch_up() -> Duration {
+    Duration::mins(5)
+}
+fn default_metrics_window() -> Duration {
+    Duration::mins(1)
+}
+fn default_stabilization() -> Duration {
+    Duration::mins(1)
+}
+fn default_scale_down_delay() -> Duration {
+    Duration::mins(10)
+}
+fn default_max_rescales() -> u32 {
+    6
+}
+
+/// What the autoscaler chose and why (`status.autoscaler`).
+#[derive(JsonSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerStatus {
+    /// The parallelism the autoscaler runs the job at (instead of `spec.parallelism`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    /// The `spec.parallelism` that choice was made against: when the user changes it, the
+    /// user's value wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_parallelism: Option<u32>,
+    /// The last decision (inputs, each term, the result, applied or why not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque_object")]
+    pub last_decision: Option<crate::autoscaler::Decision>,
+    /// The last decisions that recommended a change, newest first (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "opaque_list")]
+    pub history: Vec<crate::autoscaler::Decision>,
+    #[serde(default)]
+    pub memory: crate::autoscaler::Memory,
+    /// A rescale in flight: when it was applied, to measure its downtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescale_started_ms: Option<i64>,
 }
 
 /// What the operator and the workers report.
@@ -286,6 +368,8 @@ pub struct StreamJobStatus {
     /// Worker container restarts of the running generation.
     #[serde(default)]
     pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<AutoscalerStatus>,
 }
 
 /// A status condition (Ready, Progressing, Degraded).

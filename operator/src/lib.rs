@@ -1,6 +1,8 @@
 //! The Riffle operator: reconciles `StreamJob` resources into worker pods.
 //!
 //! - [`upgrade`]: the lifecycle as a pure, journaled state machine (no I/O).
+//! - [`autoscaler`]: the lag-driven rescale decision, pure; [`lag`] reads its ground truth
+//!   (committed against end offsets) from Kafka.
 //! - [`render`]: what a spec becomes (job file, pods, ConfigMap, Service), pure.
 //! - [`controller`]: the reconciler, the only place that talks to the API server.
 //! - [`workers`], [`savepoints`]: the edges to the workers' HTTP API and to the savepoint
@@ -8,8 +10,11 @@
 //! - [`leader`]: Lease-based leader election (a pure decision plus the Lease I/O).
 //! - [`metrics`]: the operator's Prometheus metrics.
 
+pub mod autoscaler;
+pub mod autoscaling;
 pub mod controller;
 pub mod crd;
+pub mod lag;
 pub mod leader;
 pub mod metrics;
 pub mod render;

@@ -10,10 +10,13 @@ use clap::Parser;
 use kube::runtime::events::Reporter;
 use kube::Client;
 use riffle_operator::controller::{self, Context};
+use riffle_operator::lag::KafkaLag;
 use riffle_operator::leader::{Elector, Timing};
 use riffle_operator::metrics::Metrics;
 use riffle_operator::savepoints::ObjectStoreSavepoints;
 use riffle_operator::workers::HttpWorkers;
+
+mod check;
 
 #[derive(Parser)]
 #[command(
@@ -22,9 +25,16 @@ use riffle_operator::workers::HttpWorkers;
     about = "Reconciles Riffle StreamJobs into worker pods"
 )]
 struct Args {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "RIFFLE_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Without a subcommand the operator runs.
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    #[arg(
+        long = "namespace",
+        env = "RIFFLE_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
     /// Address of `/metrics` and `/healthz` (default: port 8080 on $POD_IP, else 127.0.0.1).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -48,6 +58,21 @@ struct Args {
     retry_period: u64,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Check a running installation: a Ready replica, exactly one leader, the CRD served
+    /// (the Helm chart's `helm test`).
+    Check(check::CheckArgs),
+}
+
+/// The namespaces to watch; none means all.
+fn watched(list: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -63,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
     // kube's TLS and the S3 client both use rustls with ring; make it the process default.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    if let Some(Command::Check(check)) = args.command {
+        return check::run(check).await;
+    }
     let identity = args
         .identity
         .clone()
@@ -111,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(HttpWorkers::default()),
         Arc::new(ObjectStoreSavepoints),
         metrics.clone(),
+        Arc::new(KafkaLag),
     ));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -123,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
 
     if args.no_leader_election {
         metrics.set_leader(true);
-        controller::run(ctx, args.namespace, shutdown).await;
+        controller::run(ctx, watched(&args.namespaces), shutdown).await;
         return Ok(());
     }
     let lease_ns = args
@@ -150,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         _ = shutdown => return Ok(()),
     }
     metrics.set_leader(true);
-    let run = controller::run(ctx, args.namespace, async move {
+    let run = controller::run(ctx, watched(&args.namespaces), async move {
         let _ = stop_rx.await;
     });
     tokio::pin!(run);

@@ -1,9 +1,13 @@
 //! The operator's Prometheus metrics (text exposition format, no client library needed for
 //! a handful of counters).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::autoscaler::{Decision, Verdict};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -12,6 +16,19 @@ pub struct Metrics {
     reconcile_micros: AtomicU64,
     leader: AtomicBool,
     leader_transitions: AtomicU64,
+    /// Per job (`namespace/name`): the autoscaler's last decision and its counts.
+    autoscaler: Mutex<BTreeMap<(String, String), Autoscaled>>,
+}
+
+/// A per-job gauge: name, help, and how to read it from the last decision.
+type Gauge = (&'static str, &'static str, fn(&Decision) -> f64);
+
+#[derive(Default)]
+struct Autoscaled {
+    last: Option<Decision>,
+    decisions: BTreeMap<String, u64>,
+    rescales_up: u64,
+    rescales_down: u64,
 }
 
 impl Metrics {
@@ -27,6 +44,117 @@ impl Metrics {
     pub fn set_leader(&self, leader: bool) {
         if self.leader.swap(leader, Relaxed) != leader {
             self.leader_transitions.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Record an autoscaler decision of a job.
+    pub fn autoscaler_decided(&self, namespace: &str, job: &str, d: &Decision) {
+        let Ok(mut all) = self.autoscaler.lock() else {
+            return;
+        };
+        let a = all
+            .entry((namespace.to_string(), job.to_string()))
+            .or_default();
+        *a.decisions.entry(d.reason.clone()).or_default() += 1;
+        if d.applied {
+            match d.verdict {
+                Verdict::ScaleUp => a.rescales_up += 1,
+                Verdict::ScaleDown => a.rescales_down += 1,
+                Verdict::Keep => {}
+            }
+        }
+        a.last = Some(d.clone());
+    }
+
+    /// Forget a deleted job's series.
+    pub fn forget_job(&self, namespace: &str, job: &str) {
+        if let Ok(mut all) = self.autoscaler.lock() {
+            all.remove(&(namespace.to_string(), job.to_string()));
+        }
+    }
+
+    fn render_autoscaler(&self, out: &mut String) {
+        let Ok(all) = self.autoscaler.lock() else {
+            return;
+        };
+        if all.is_empty() {
+            return;
+        }
+        let gauges: [Gauge; 7] = [
+            (
+                "current_parallelism",
+                "Workers running when the autoscaler last decided.",
+                |d| f64::from(d.current),
+            ),
+            (
+                "recommended_parallelism",
+                "The autoscaler's last recommendation.",
+                |d| f64::from(d.recommended),
+            ),
+            (
+                "target_parallelism",
+                "The parallelism the last decision runs the job at.",
+                |d| f64::from(d.target),
+            ),
+            (
+                "lag_records",
+                "Records behind the end of the input topics (from Kafka), last window.",
+                |d| d.inputs.lag,
+            ),
+            (
+                "input_rate",
+                "Records per second appended to the input topics, last window.",
+                |d| d.inputs.input_rate,
+            ),
+            (
+                "required_rate",
+                "Input rate plus lag over catchUpDuration, last window.",
+                |d| d.terms.required_rate,
+            ),
+            (
+                "true_rate_per_worker",
+                "Records per second a worker handles when busy all the time.",
+                |d| d.terms.true_rate_per_worker,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP riffle_autoscaler_{name} {help}\n# TYPE riffle_autoscaler_{name} gauge"
+            );
+            for ((ns, job), a) in all.iter() {
+                if let Some(d) = &a.last {
+                    let _ = writeln!(
+                        out,
+                        "riffle_autoscaler_{name}{{namespace=\"{ns}\",job=\"{job}\"}} {}",
+                        value(d)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP riffle_autoscaler_decisions_total Autoscaler decisions by reason.\n# TYPE riffle_autoscaler_decisions_total counter"
+        );
+        for ((ns, job), a) in all.iter() {
+            for (reason, n) in &a.decisions {
+                let _ = writeln!(
+                    out,
+                    "riffle_autoscaler_decisions_total{{namespace=\"{ns}\",job=\"{job}\",reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP riffle_autoscaler_rescales_total Rescales the autoscaler applied.\n# TYPE riffle_autoscaler_rescales_total counter"
+        );
+        for ((ns, job), a) in all.iter() {
+            for (direction, n) in [("up", a.rescales_up), ("down", a.rescales_down)] {
+                let _ = writeln!(
+                    out,
+                    "riffle_autoscaler_rescales_total{{namespace=\"{ns}\",job=\"{job}\",direction=\"{direction}\"}} {n}"
+                );
+            }
         }
     }
 
@@ -68,6 +196,7 @@ impl Metrics {
             "Times this replica gained or lost the lease.",
             self.leader_transitions.load(Relaxed).to_string(),
         );
+        self.render_autoscaler(&mut out);
         out
     }
 }

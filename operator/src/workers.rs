@@ -35,6 +35,12 @@ pub struct WorkerMetrics {
     pub last_checkpoint_id: u64,
     #[serde(default)]
     pub stopped: bool,
+    /// Input records handled since the worker started.
+    #[serde(default)]
+    pub events_in: u64,
+    /// Seconds spent handling records since the worker started.
+    #[serde(default)]
+    pub busy_seconds: f64,
 }
 
 /// Talks to one worker. A trait so the controller's savepoint bookkeeping can be tested

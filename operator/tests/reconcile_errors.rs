@@ -33,9 +33,10 @@ use futures::future::BoxFuture;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use kube::Client;
-use riffle_config::S3Config;
+use riffle_config::{KafkaConfig, S3Config};
 use riffle_operator::controller::{error_policy, reconcile, Context, FIELD_MANAGER, FINALIZER};
 use riffle_operator::crd::StreamJob;
+use riffle_operator::lag::{LagSource, Offsets};
 use riffle_operator::metrics::Metrics;
 use riffle_operator::savepoints::SavepointStore;
 use riffle_operator::workers::{SavepointReply, WorkerApi, WorkerMetrics};
@@ -281,6 +282,17 @@ impl WorkerApi for Idle {
     }
 }
 
+impl LagSource for Idle {
+    fn offsets(
+        &self,
+        _: &KafkaConfig,
+        _: &str,
+        _: &[String],
+    ) -> BoxFuture<'static, Result<Offsets, String>> {
+        Box::pin(async { Err("no Kafka in this test".into()) })
+    }
+}
+
 impl SavepointStore for Idle {
     fn is_complete(
         &self,
@@ -305,6 +317,7 @@ fn context(server: &ApiServer) -> Arc<Context> {
         Arc::new(Idle),
         Arc::new(Idle),
         Arc::new(Metrics::default()),
+        Arc::new(Idle),
     ))
 }
 

@@ -133,6 +133,9 @@ pub struct Snapshot {
     pub watermark_lag_ms: Option<i64>,
     pub events_per_second: f64,
     pub busy_ratio: f64,
+    /// Time spent handling records since the start (not waiting for input): with
+    /// `eventsIn`, what an autoscaler needs to measure a worker's true rate over any window.
+    pub busy_seconds: f64,
     pub exchange_aggregation_ratio: f64,
     pub last_checkpoint_id: u64,
     pub checkpoints_completed: u64,
@@ -195,6 +198,7 @@ impl Metrics {
             } else {
                 0.0
             },
+            busy_seconds: self.busy_nanos.load(Relaxed) as f64 / 1e9,
             exchange_aggregation_ratio: if inc_in > 0 {
                 self.increments_out.load(Relaxed) as f64 / inc_in as f64
             } else {
@@ -289,6 +293,12 @@ impl Metrics {
             "gauge",
             "Events processed per second, recent.",
             s.events_per_second,
+        );
+        metric(
+            "busy_seconds_total",
+            "counter",
+            "Time spent handling records (not waiting for input); its rate is the busy share.",
+            s.busy_seconds,
         );
         metric(
             "busy_ratio",

@@ -237,10 +237,20 @@ impl World {
         what: &str,
         cond: impl Fn(&StreamJob) -> bool + Send + 'static,
     ) -> StreamJob {
+        self.wait_for(what, TIMEOUT, cond).await
+    }
+
+    /// [`World::wait`] with another bound.
+    async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&StreamJob) -> bool + Send + 'static,
+    ) -> StreamJob {
         let wait = await_condition(self.jobs(), &self.name, move |sj: Option<&StreamJob>| {
             sj.is_some_and(&cond)
         });
-        match tokio::time::timeout(TIMEOUT, wait).await {
+        match tokio::time::timeout(timeout, wait).await {
             Ok(Ok(Some(sj))) => sj,
             Ok(r) => panic!("watching the StreamJob for {what}: {r:?}"),
             Err(_) => {
@@ -950,4 +960,186 @@ async fn the_leader_killed_at_every_upgrade_step_hands_over_and_the_job_converge
     tokio::task::block_in_place(|| sender.join().unwrap());
     finish_and_verify(&world, &input).await;
     overlap.assert_never_overlapped();
+}
+
+/// The autoscaler on the test bed. Each worker reads at most 150 records/s
+/// (`source.maxRecordsPerSecond`), so capacity grows with pods as it would with cores: 60
+/// records/s fit one worker; a 400 records/s spike does not. The spike raises the lag (read
+/// from Kafka by the operator), the autoscaler scales up through a savepoint, the lag drains,
+/// and once every recommendation of `scaleDownDelay` is lower it scales back down. Exactly
+/// once across both rescales; the decision latency and the lag peak are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_load_spike_scales_up_drains_and_scales_back_down() {
+    use riffle_operator::autoscaler::Verdict;
+    let _serial = SERIAL.lock().await;
+    let mut world = World::new("autoscale").await;
+    world.start_operator("a");
+    let overlap = OverlapWatch::start(&world);
+    world
+        .create_with(json!({
+            "parallelism": 1,
+            "source": {"topics": [world.topics.input], "maxRecordsPerSecond": 150},
+            "autoscaler": {
+                "enabled": true, "minParallelism": 1, "maxParallelism": 4,
+                "targetUtilization": 0.7, "catchUpDuration": "60s", "metricsWindow": "15s",
+                "stabilizationInterval": "10s", "scaleDownDelay": "45s",
+                "maxRescalesPerHour": 10,
+            },
+        }))
+        .await;
+    world.wait_running(1, 1).await;
+
+    // 30 s at 60/s, 60 s at 300/s, then 60/s until the end (about 150 s).
+    let input = input(KEY_GROUPS, 28_800, 1000);
+    let n = input.records.len();
+    let phases = [(0, 1_800, 60.0), (1_800, 19_800, 300.0), (19_800, n, 60.0)];
+    let spike_started = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let producer = {
+        let (bed, topic, records) = (
+            world.bed.clone(),
+            world.topics.input.clone(),
+            input.records.clone(),
+        );
+        let spike_started = spike_started.clone();
+        std::thread::spawn(move || {
+            for (i, (from, to, rate)) in phases.into_iter().enumerate() {
+                let start = std::time::Instant::now();
+                if i == 1 {
+                    *spike_started.lock().unwrap() = Some(start);
+                }
+                bed.produce_paced(&topic, &records[from..to], 50, |done| {
+                    let due = Duration::from_secs_f64(done as f64 / rate);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                });
+            }
+        })
+    };
+
+    let applied =
+        |sj: &StreamJob, verdict: Verdict| -> Option<riffle_operator::autoscaler::Decision> {
+            sj.status
+                .as_ref()?
+                .autoscaler
+                .as_ref()?
+                .history
+                .iter()
+                .find(|d| d.applied && d.verdict == verdict)
+                .cloned()
+        };
+    let sj = world
+        .wait("an applied scale-up", move |sj| {
+            applied(sj, Verdict::ScaleUp).is_some()
+        })
+        .await;
+    let up = applied(&sj, Verdict::ScaleUp).unwrap();
+    let spike_at = spike_started.lock().unwrap().expect("the spike started");
+    let spike_ms = spike_at.elapsed().as_millis() as i64;
+    let decided_after_ms = up.at_ms - (now_ms() - spike_ms);
+    assert!(up.target > 1 && up.target <= 4, "{up:?}");
+    assert!(
+        up.inputs.lag > 0.0 && up.inputs.input_rate > 150.0,
+        "the spike shows as lag and input rate: {up:?}"
+    );
+    let ready_up = world.wait_running(2, up.target).await;
+    let ready_after_ms = now_ms() - up.at_ms;
+    assert_eq!(
+        ready_up.spec.parallelism, 1,
+        "spec.parallelism stays the user's"
+    );
+
+    // The lag drains: a decision at the scaled-up parallelism sees (almost) none.
+    let target = up.target;
+    let drained = world
+        .wait("the lag drained at the new parallelism", move |sj| {
+            sj.status
+                .as_ref()
+                .and_then(|s| s.autoscaler.as_ref())
+                .and_then(|a| a.last_decision.as_ref())
+                .is_some_and(|d| d.current == target && d.inputs.lag < 300.0)
+        })
+        .await;
+    let drained_decision = drained
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaler.as_ref())
+        .and_then(|a| a.last_decision.clone())
+        .unwrap();
+
+    // The spike's end, the drain, then every recommendation of the 45 s delay lower.
+    let sj = world
+        .wait_for(
+            "an applied scale-down",
+            Duration::from_secs(300),
+            move |sj| applied(sj, Verdict::ScaleDown).is_some(),
+        )
+        .await;
+    let down = applied(&sj, Verdict::ScaleDown).unwrap();
+    assert!(down.target < up.target, "{down:?}");
+    assert!(
+        down.at_ms - drained_decision.at_ms >= 0,
+        "down only after the lag drained"
+    );
+    world.wait_running(3, down.target).await;
+    let history = world
+        .jobs()
+        .get(&world.name)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .autoscaler
+        .unwrap()
+        .history;
+    let peak_lag = history.iter().map(|d| d.inputs.lag).fold(0.0, f64::max);
+    eprintln!(
+        "autoscale: spike → scale-up decision {:.1} s (1 → {}), decision → {} workers ready {:.1} s, lag peak {:.0} records at a decision; scale-down to {} {:.1} s after the drained decision",
+        decided_after_ms as f64 / 1000.0,
+        up.target,
+        up.target,
+        ready_after_ms as f64 / 1000.0,
+        peak_lag,
+        down.target,
+        (down.at_ms - drained_decision.at_ms) as f64 / 1000.0,
+    );
+    for d in history.iter().rev() {
+        eprintln!(
+            "  {} {:?} {} → {} applied={} lag {:.0} input {:.0}/s rate/worker {:.0}/s: {}",
+            d.at_ms,
+            d.verdict,
+            d.current,
+            d.target,
+            d.applied,
+            d.inputs.lag,
+            d.inputs.input_rate,
+            d.terms.true_rate_per_worker,
+            d.message
+        );
+    }
+    let reasons = world.event_reasons().await;
+    for r in ["AutoscalerScaleUp", "AutoscalerScaleDown"] {
+        assert!(reasons.iter().any(|x| x == r), "Event {r}: {reasons:?}");
+    }
+    let (code, metrics) =
+        common::cluster::try_http(&world.metrics["a"].to_string(), "GET", "/metrics", "")
+            .expect("the operator serves /metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("riffle_autoscaler_rescales_total{")
+            && metrics.contains("direction=\"up\"} 1")
+            && metrics.contains("direction=\"down\"} 1"),
+        "{metrics}"
+    );
+
+    tokio::task::block_in_place(|| producer.join().unwrap());
+    finish_and_verify(&world, &input).await;
+    overlap.assert_never_overlapped();
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }

@@ -1,6 +1,7 @@
 //! The CLI's commands as library functions (so tests run exactly what users run).
 
 pub mod bench;
+pub mod consume;
 pub mod eval;
 pub mod produce;
 

@@ -48,6 +48,10 @@ pub fn run(o: &ProduceOptions) -> Result<(u64, Duration)> {
         )));
     }
     let gen_parts = 4;
+    let start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
     let gen = Generator::new(GeneratorConfig {
         users: o.users,
         items: o.items,
@@ -56,10 +60,7 @@ pub fn run(o: &ProduceOptions) -> Result<(u64, Duration)> {
         seed: o.seed,
         // Event time starts now and advances at the production rate (or at 4,000 events per
         // second when producing as fast as possible: 1 M events span about 4 minutes).
-        start_ts: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        start_ts: start_ms,
         events_per_second: if o.rate > 0 {
             (o.rate / u64::from(gen_parts)).max(1)
         } else {
@@ -67,11 +68,15 @@ pub fn run(o: &ProduceOptions) -> Result<(u64, Duration)> {
         },
         ..GeneratorConfig::default()
     });
+    let run = format!("{:x}", start_ms);
     let started = Instant::now();
     let mut sent = 0u64;
     for k in 0..o.events / u64::from(gen_parts) {
         for p in 0..gen_parts {
-            let e = gen.event(p, k);
+            let mut e = gen.event(p, k);
+            // The generator numbers events per run; a run prefix keeps ids unique when the
+            // same topic gets several runs (eventId is what exactly-once is checked by).
+            e.event_id = compact_str::format_compact!("{run}-{}", e.event_id);
             let value = serde_json::to_vec(&e)?;
             let partition = key_group(e.user_id.as_bytes(), partitions) as i32;
             let mut rec = BaseRecord::to(&o.topic)

@@ -88,6 +88,39 @@ impl Bed {
         }
     }
 
+    /// Delete these topics if they exist, and wait until the broker no longer lists them.
+    #[allow(dead_code)] // not every test binary deletes topics
+    pub fn delete_topics(&self, topics: &[&str]) {
+        let admin: AdminClient<DefaultClientContext> = self.client().create().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(60)));
+        for r in rt.block_on(admin.delete_topics(topics, &opts)).unwrap() {
+            if let Err((t, e)) = r {
+                assert_eq!(
+                    e,
+                    rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                    "delete topic {t}"
+                );
+            }
+        }
+        let listed = || {
+            let md = admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .unwrap();
+            md.topics()
+                .iter()
+                .any(|t| topics.contains(&t.name()) && t.error().is_none())
+        };
+        assert!(
+            super::wait_until(Duration::from_secs(60), || !listed()),
+            "topics {topics:?} still listed a minute after their deletion"
+        );
+    }
+
     /// Produce records in order (per partition, the order given), in transactions: a chunk
     /// that fails (a broker restart) is aborted and sent again, so every record is in the
     /// topic exactly once, in order, for read_committed readers.

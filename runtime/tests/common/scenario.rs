@@ -129,11 +129,32 @@ pub fn input(partitions: i32, events: u64, poison_every: u64) -> Input {
 
 /// The job's ItemStats equal the reference's for every window emitted by the final watermark.
 pub fn assert_item_stats_match_reference(stats: &[Record], input: &Input, partitions: i32) {
-    let df = dataflow();
+    assert_item_stats_match(
+        stats,
+        &input.events,
+        partitions,
+        &dataflow(),
+        input.final_wm,
+        false,
+    );
+}
+
+/// The job's ItemStats equal the reference's over `events` for every window emitted by
+/// `final_wm`. With `cut`, windows the job emitted beyond `final_wm` are left out too (a job
+/// stopped mid-stream, whose workers' watermarks differ).
+pub fn assert_item_stats_match(
+    stats: &[Record],
+    events: &[reference::RefEvent],
+    partitions: i32,
+    df: &DataflowConfig,
+    final_wm: i64,
+    cut: bool,
+) {
+    let closed = |end: i64| end + df.allowed_lateness.0 <= final_wm;
     let expected: Vec<RefItemStats> =
-        reference::fast::item_stats(&ref_params(&df), partitions as u32, &input.events)
+        reference::fast::item_stats(&ref_params(df), partitions as u32, events)
             .into_iter()
-            .filter(|s| s.window_end + df.allowed_lateness.0 <= input.final_wm)
+            .filter(|s| closed(s.window_end))
             .collect();
     let mut got: Vec<RefItemStats> = stats
         .iter()
@@ -157,6 +178,7 @@ pub fn assert_item_stats_match_reference(stats: &[Record], input: &Input, partit
                     .collect(),
             }
         })
+        .filter(|s: &RefItemStats| !cut || closed(s.window_end))
         .collect();
     let key = |s: &RefItemStats| (s.window_end, s.item_id.clone());
     let mut expected = expected;

@@ -1051,6 +1051,7 @@ fn job_config(ctx: &Ctx, names: &JobNames, dir: &Path) -> JobConfig {
         source: SourceConfig::Kafka(KafkaSourceConfig {
             topics: vec![names.input.clone()],
             start_offsets: StartOffsets::Earliest,
+            max_records_per_second: None,
         }),
         sink: SinkConfig {
             dir: None,

@@ -120,6 +120,21 @@ enum Command {
         #[arg(long)]
         bootstrap: Option<String>,
     },
+    /// Print the records of a topic as a `read_committed` consumer sees them (key, TAB,
+    /// value), from the start: what a job's downstream readers get.
+    Consume {
+        #[arg(long)]
+        topic: String,
+        /// Stop after this many records.
+        #[arg(long, default_value_t = 10)]
+        max: u64,
+        /// Stop after this many seconds without a record.
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
+        /// Brokers (default: $KAFKA_BOOTSTRAP).
+        #[arg(long)]
+        bootstrap: Option<String>,
+    },
     /// Ask a running job for a savepoint (POST /savepoint). For a distributed job, any one
     /// worker's endpoint will do: the others join through the exchange, and the answer comes
     /// once the job-wide savepoint is complete.
@@ -222,6 +237,25 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Savepoint { endpoint, id, stop } => savepoint(&endpoint, id, stop),
+        Command::Consume {
+            topic,
+            max,
+            idle_seconds,
+            bootstrap,
+        } => {
+            let bootstrap = brokers(bootstrap)?;
+            let n = commands::consume::run(
+                &commands::consume::ConsumeOptions {
+                    bootstrap,
+                    topic: topic.clone(),
+                    max,
+                    idle: std::time::Duration::from_secs(idle_seconds),
+                },
+                &mut std::io::stdout().lock(),
+            )?;
+            eprintln!("{n} records from {topic}");
+            Ok(())
+        }
         Command::Produce {
             topic,
             events,
@@ -231,9 +265,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             bootstrap,
         } => {
-            let bootstrap = bootstrap
-                .or_else(|| std::env::var("KAFKA_BOOTSTRAP").ok())
-                .context("--bootstrap or $KAFKA_BOOTSTRAP")?;
+            let bootstrap = brokers(bootstrap)?;
             let (sent, took) = commands::produce::run(&commands::produce::ProduceOptions {
                 bootstrap,
                 topic: topic.clone(),
@@ -250,6 +282,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--bootstrap`, else `$KAFKA_BOOTSTRAP`.
+fn brokers(flag: Option<String>) -> anyhow::Result<String> {
+    flag.or_else(|| std::env::var("KAFKA_BOOTSTRAP").ok())
+        .context("--bootstrap or $KAFKA_BOOTSTRAP")
 }
 
 /// The parts of a job file a backtest uses; other fields are allowed and ignored.

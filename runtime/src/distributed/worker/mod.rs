@@ -13,6 +13,7 @@ mod changelog;
 mod commit;
 mod restore;
 mod savepoint;
+mod throttle;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
@@ -190,6 +191,8 @@ pub struct Worker {
     last_stats: Instant,
     last_idle_check: Instant,
     rate_window: (Instant, u64, u64),
+    /// `source.maxRecordsPerSecond`, if set.
+    throttle: Option<throttle::Throttle>,
     validation: Validation,
     scratch: PathBuf,
 }
@@ -233,6 +236,9 @@ impl Worker {
         let SourceConfig::Kafka(src) = &cfg.source else {
             return Err(Error::Config("a worker needs a Kafka source".into()));
         };
+        let throttle = src
+            .max_records_per_second
+            .map(|r| throttle::Throttle::new(r, Instant::now()));
         let sink = cfg
             .sink
             .kafka
@@ -474,6 +480,7 @@ impl Worker {
             last_stats: Instant::now(),
             last_idle_check: Instant::now(),
             rate_window: (Instant::now(), 0, 0),
+            throttle,
             validation: Validation::at_now(df.max_future_skew.0),
             scratch,
             topics,
@@ -552,6 +559,18 @@ impl Worker {
                 } else {
                     Duration::ZERO
                 };
+                if let Some(t) = self.throttle.as_mut() {
+                    if let Some(hold) = t.wait(Instant::now()) {
+                        // Waiting on the limit is what this worker's capacity costs: busy.
+                        let hold = hold.min(Duration::from_millis(20));
+                        std::thread::sleep(hold);
+                        busy += hold;
+                        if self.last_commit.elapsed() >= commit_interval {
+                            break;
+                        }
+                        continue;
+                    }
+                }
                 let polled = match self.consumer.poll(wait) {
                     None => break,
                     Some(Err(e)) => {
@@ -634,6 +653,9 @@ impl Worker {
             let Some(&i) = self.input_index.get(&(t as u32, m.partition)) else {
                 return Ok(());
             };
+            if let Some(t) = self.throttle.as_mut() {
+                t.take(Instant::now());
+            }
             self.on_input(i, m.offset, m.payload.as_deref())?;
         }
         Ok(())
@@ -954,16 +976,18 @@ impl Worker {
         let stats = self.consumer.context().snapshot();
         let mut changed = false;
         for (i, inp) in self.inputs.iter_mut().enumerate() {
-            let readable = stats
-                .get(&(inp.name.clone(), inp.partition))
-                .is_some_and(|s| s.readable_now());
+            let s = stats.get(&(inp.name.clone(), inp.partition));
+            let readable = s.is_some_and(|s| s.readable_now());
+            // Records wait that this worker has not read yet (it is behind, e.g. throttled or
+            // catching up): the partition is slow, not silent.
+            let backlog = s.is_some_and(|s| s.app_offset >= 0 && s.ls_offset > s.app_offset);
             let idle = self.tracker.partitions()[i].idle;
             // A paused input (a savepoint in progress) is silent because it is not read: not
             // idle, whatever the timeout.
-            if !readable || self.paused {
+            if !readable || self.paused || backlog {
                 inp.silent_since = Instant::now();
                 if idle {
-                    tracing::info!(topic = %inp.name, partition = inp.partition, "partition not readable (or paused): holds the watermark again");
+                    tracing::info!(topic = %inp.name, partition = inp.partition, backlog, "partition not readable, paused or behind: holds the watermark again");
                     self.tracker.set_idle(i as u32, false);
                     changed = true;
                 }
