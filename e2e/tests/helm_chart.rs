@@ -1047,6 +1047,7 @@ async fn the_chart_installs_under_restricted_psa_and_uninstalls_cleanly() {
             count(&env.api::<PodDisruptionBudget>(), &ns).await,
             1,
         ),
+        ("Lease", count(&env.api::<Lease>(), &ns).await, 1),
         ("ClusterRole", count(&cluster_roles, &ns).await, 2),
         ("ClusterRoleBinding", count(&cluster_bindings, &ns).await, 0),
     ];
@@ -1073,6 +1074,7 @@ async fn the_chart_installs_under_restricted_psa_and_uninstalls_cleanly() {
         "PodDisruptionBudget",
     )
     .await;
+    wait_gone(&env, env.api::<Lease>(), "Lease").await;
     wait_gone(&env, env.api::<ConfigMap>(), "ConfigMap").await;
     wait_gone(&env, env.api::<Secret>(), "Secret").await;
     wait_gone(&env, cluster_roles.clone(), "ClusterRole").await;

@@ -134,22 +134,33 @@ impl Drop for Shell {
 }
 
 /// The walkthrough starts from a fresh test bed: what a failed run leaves (a release, the
-/// namespaces, a StreamJob whose operator is gone) and the CRD other tests install without
-/// Helm (which `helm install` would refuse to adopt) are removed first, and again after a
-/// failure.
+/// namespaces) and the CRD other tests install without Helm (which `helm install` would
+/// refuse to adopt) are removed first, and again after a failure. StreamJobs whose operator
+/// is gone (earlier tests' leftovers) keep their finalizer, and the CRD cannot go before
+/// they do: the finalizers are dropped first.
 fn clean_slate() {
+    // (Without the CRD there are no StreamJobs to list: `|| true`.)
     let script = r#"
+        set -euo pipefail
         helm uninstall riffle-operator --namespace riffle-system --wait >/dev/null 2>&1 || true
-        kubectl -n shop patch sj recs --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+        { kubectl get sj -A -o jsonpath='{range .items[*]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' 2>/dev/null || true; } |
+          while read -r ns name; do
+            kubectl -n "$ns" patch sj "$name" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null
+          done
         kubectl delete namespace shop riffle-system --ignore-not-found --timeout=120s
         kubectl delete crd streamjobs.riffle.dev --ignore-not-found --timeout=120s
     "#;
-    let status = Command::new("bash")
+    let out = Command::new("bash")
         .args(["-c", script])
         .current_dir(repo())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "cleaning up an earlier walkthrough");
+    assert!(
+        out.status.success(),
+        "cleaning up before the walkthrough: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct CleanOnFailure;
