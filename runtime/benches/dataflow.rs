@@ -60,6 +60,7 @@ fn dataflow_batch(c: &mut Criterion) {
                 windowing,
                 neighbor_limit: 20,
                 top_k: 20,
+                max_excluded: df.history_length,
                 trending_capacity: 60,
                 emit_stats: true,
                 emit_late: true,

@@ -148,6 +148,7 @@ impl Engine {
                     windowing,
                     neighbor_limit: df.neighbor_limit,
                     top_k: df.top_k,
+                    max_excluded: df.history_length,
                     trending_capacity: board.capacity(),
                     emit_stats: cfg.sink.item_stats,
                     emit_late: true,

@@ -60,18 +60,33 @@ pub fn rank_order(a: &(u64, &Key), b: &(u64, &Key)) -> std::cmp::Ordering {
 }
 
 /// The top `n` of `(id, weight)` pairs with weight > 0, in rank order.
+pub fn top_n<'a>(entries: impl Iterator<Item = (&'a Key, u64)>, n: usize) -> Vec<(&'a Key, u64)> {
+    top_n_by(entries, n, |a: &&Key, b: &&Key| a.as_bytes() < b.as_bytes())
+}
+
+/// The top `n` of `(id, weight)` pairs with weight > 0: weight descending, then ids in the
+/// order `id_before` defines (a strict order; ids are distinct).
 ///
 /// One pass with a bounded buffer: most entries of a long row are rejected by a single
 /// integer comparison with the current n-th best, without allocating or comparing ids.
-pub fn top_n<'a>(entries: impl Iterator<Item = (&'a Key, u64)>, n: usize) -> Vec<(&'a Key, u64)> {
+pub fn top_n_by<T: Copy>(
+    entries: impl Iterator<Item = (T, u64)>,
+    n: usize,
+    id_before: impl Fn(&T, &T) -> bool,
+) -> Vec<(T, u64)> {
     if n == 0 {
         return Vec::new();
     }
-    let mut best: Vec<(u64, &Key)> = Vec::with_capacity(n);
-    let lowest = |best: &[(u64, &Key)]| {
-        (0..best.len())
-            .max_by(|a, b| rank_order(&best[*a], &best[*b]))
-            .unwrap_or(0)
+    let better = |a: &(u64, T), b: &(u64, T)| a.0 > b.0 || (a.0 == b.0 && id_before(&a.1, &b.1));
+    let mut best: Vec<(u64, T)> = Vec::with_capacity(n);
+    let lowest = |best: &[(u64, T)]| {
+        let mut worst = 0;
+        for i in 1..best.len() {
+            if better(&best[worst], &best[i]) {
+                worst = i;
+            }
+        }
+        worst
     };
     let mut worst = 0;
     for (k, w) in entries {
@@ -85,13 +100,20 @@ pub fn top_n<'a>(entries: impl Iterator<Item = (&'a Key, u64)>, n: usize) -> Vec
             }
             continue;
         }
-        let (ww, wk) = best[worst];
-        if w > ww || (w == ww && k.as_bytes() < wk.as_bytes()) {
+        if better(&(w, k), &best[worst]) {
             best[worst] = (w, k);
             worst = lowest(&best);
         }
     }
-    best.sort_unstable_by(rank_order);
+    best.sort_unstable_by(|a, b| {
+        if better(a, b) {
+            std::cmp::Ordering::Less
+        } else if better(b, a) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    });
     best.into_iter().map(|(w, k)| (k, w)).collect()
 }
 

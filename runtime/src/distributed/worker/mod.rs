@@ -412,6 +412,7 @@ impl Worker {
             windowing,
             neighbor_limit: df.neighbor_limit,
             top_k: df.top_k,
+            max_excluded: df.history_length,
             trending_capacity: board.capacity(),
             emit_stats: sink.item_stats.is_some() && cfg.sink.item_stats,
             emit_late: false,
