@@ -125,6 +125,93 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// A size in bytes, written as a Kubernetes quantity (`512Mi`, `2Gi`, `500M`) or a plain
+/// number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const fn mib(n: u64) -> Self {
+        Self(n << 20)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. 512Mi, 2Gi, 500M"))?;
+        let factor: u64 = match unit {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            "Ti" => 1 << 40,
+            "k" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "T" => 1_000_000_000_000,
+            other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+        };
+        n.checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} overflows"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, shift) in [("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)] {
+            if b != 0 && b.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+            "maxLength": 24,
+            "description": "A size: bytes, or a whole number with Ki, Mi, Gi, Ti, k, M, G or T (e.g. 512Mi)."
+        })
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Integer weight of an event by its type.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -607,6 +694,11 @@ pub struct JobConfig {
     /// Upper bound of records per micro-batch (latency vs. per-batch overhead).
     #[serde(default = "default_max_batch")]
     pub max_batch_size: usize,
+    /// Memory for user histories per worker (local mode: per job): the hot tier in front of
+    /// RocksDB in `stateDir`. Histories beyond it are evicted, least recently used first, and
+    /// read back on their user's next event.
+    #[serde(default = "default_state_memory")]
+    pub state_memory: ByteSize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,
     /// The Kafka cluster (required by Kafka sources and sinks).
@@ -641,6 +733,10 @@ fn default_retained() -> usize {
 fn default_max_batch() -> usize {
     4096
 }
+/// Sized for a small pod: a quarter of 1 GiB.
+pub fn default_state_memory() -> ByteSize {
+    ByteSize::mib(256)
+}
 
 impl JobConfig {
     /// A local job with its output, state and checkpoints under `workdir` and defaults
@@ -659,6 +755,7 @@ impl JobConfig {
             commit_interval: default_commit_interval(),
             retained_checkpoints: default_retained(),
             max_batch_size: default_max_batch(),
+            state_memory: default_state_memory(),
             http: None,
             kafka: None,
             s3: None,

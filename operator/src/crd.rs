@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::{CustomResource, KubeSchema};
 use riffle_config::{
-    DataflowConfig, Duration, KafkaConfig, KafkaSinkConfig, KafkaSourceConfig, S3Config,
+    ByteSize, DataflowConfig, Duration, KafkaConfig, KafkaSinkConfig, KafkaSourceConfig, S3Config,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,11 @@ pub struct StreamJobSpec {
     /// Time between Kafka transaction commits: how soon outputs become visible.
     #[serde(default = "riffle_config::default_commit_interval")]
     pub commit_interval: Duration,
+    /// Memory for user histories per worker, in front of RocksDB on the pod's state volume
+    /// (default 256Mi). Leave room for it, the fixed overhead and the item state in the
+    /// pod's memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_memory: Option<ByteSize>,
     /// How state crosses an upgrade.
     #[serde(default)]
     pub upgrade_mode: UpgradeMode,

@@ -79,6 +79,9 @@ pub fn job_config(sj: &StreamJob, spec: &StreamJobSpec) -> Result<JobConfig, Err
         commit_interval: spec.commit_interval,
         retained_checkpoints: 3,
         max_batch_size: 4096,
+        state_memory: spec
+            .state_memory
+            .unwrap_or_else(riffle_config::default_state_memory),
         http: Some(HttpConfig {
             listen: None,
             port: Some(HTTP_PORT),

@@ -89,7 +89,8 @@ fn dataflow_batch(c: &mut Criterion) {
                 };
                 let mut x = ExchangeWriter::new(routing, &frame);
                 for s in &events {
-                    user.process(s, routing.key_group(s.event.user_id.as_bytes()), &mut x);
+                    user.process(s, routing.key_group(s.event.user_id.as_bytes()), &mut x)
+                        .expect("no store, no I/O");
                 }
                 let out = x.finish();
                 let res = item.process_batch(

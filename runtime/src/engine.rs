@@ -20,7 +20,7 @@ use crate::config::JobConfig;
 use crate::dataflow::exchange::{merge_inboxes, ExchangeWriter, Outboxes, Routing};
 use crate::dataflow::item::{ItemOutput, ItemParams, ItemStage, PANES};
 use crate::dataflow::trending::TrendingBoard;
-use crate::dataflow::user::{UserParams, UserStage, HISTORIES};
+use crate::dataflow::user::{UserParams, UserStage};
 use crate::dataflow::window::Windowing;
 use crate::dataflow::{BatchFrame, Crossing, Stamped};
 use crate::event::DeadLetter;
@@ -213,6 +213,12 @@ impl Engine {
             latency: None,
             checkpoint_log: Vec::new(),
         };
+        // Each worker's histories get an equal share of the budget, in front of the database.
+        let share = usize::try_from(engine.cfg.state_memory.0).unwrap_or(usize::MAX)
+            / engine.workers.len().max(1);
+        for w in &mut engine.workers {
+            w.user.set_store(engine.state.spill_store(), share);
+        }
         if let Some(m) = manifest {
             engine.restore_from(m)?;
         }
@@ -238,15 +244,14 @@ impl Engine {
     fn restore_from(&mut self, m: Manifest) -> Result<()> {
         let routing = self.routing;
         let workers = &mut self.workers;
-        self.state.for_each(|key, value| {
-            let (kg, tag, rest) = codec::split_key(key)?;
+        // Panes into memory; histories stay in the database, read on their user's first event.
+        for kg in 0..self.cfg.key_groups {
             let w = &mut workers[routing.owner(kg)];
-            match tag {
-                t if t == HISTORIES.tag => w.user.restore(kg, rest, value),
-                t if t == PANES.tag => w.item.restore(kg, rest, value),
-                other => Err(Error::CorruptState(format!("unknown state tag {other}"))),
-            }
-        })?;
+            self.state.for_each_in(kg, PANES.tag, |key, value| {
+                let (kg, _, rest) = codec::split_key(key)?;
+                w.item.restore(kg, rest, value)
+            })?;
+        }
         let wm = m.watermark.current();
         for w in &mut self.workers {
             w.item.resume(wm);
@@ -284,6 +289,19 @@ impl Engine {
 
     pub fn last_checkpoint_id(&self) -> u64 {
         self.last_id
+    }
+
+    /// The history tiers summed over workers: (users in memory, their approximate bytes,
+    /// histories read back from RocksDB, histories evicted to it).
+    pub fn history_tiers(&self) -> (u64, u64, u64, u64) {
+        self.workers.iter().fold((0, 0, 0, 0), |(u, b, l, e), w| {
+            (
+                u + w.user.users() as u64,
+                b + w.user.hot_bytes() as u64,
+                l + w.user.loads,
+                e + w.user.evictions,
+            )
+        })
     }
 
     pub fn enable_latency_histogram(&mut self) {
@@ -436,10 +454,13 @@ impl Engine {
         let outboxes: Vec<Outboxes> = run_parallel(&mut self.workers, by_worker, |w, mine| {
             let mut x = ExchangeWriter::new(routing, frame);
             for (i, kg) in mine {
-                w.user.process(&stamped[i], kg, &mut x);
+                w.user.process(&stamped[i], kg, &mut x)?;
             }
-            x.finish()
-        });
+            w.user.maintain()?;
+            Ok(x.finish())
+        })
+        .into_iter()
+        .collect::<Result<_>>()?;
         // Exchange: transpose sender outboxes into receiver inboxes.
         let mut inboxes: Vec<Vec<Vec<crate::dataflow::exchange::Message>>> =
             (0..par).map(|_| Vec::with_capacity(par)).collect();

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use reference::from_config::{ref_event, ref_params};
 use reference::{RefEvent, RefItemStats};
-use riffle_runtime::config::{DataflowConfig, Duration, JobConfig, SourceConfig, Weights};
+use riffle_runtime::config::{
+    ByteSize, DataflowConfig, Duration, JobConfig, SourceConfig, Weights,
+};
 use riffle_runtime::dataflow::output::{ItemStats, LateEvent, Recommendation};
 use riffle_runtime::engine::{Engine, Restore};
 use riffle_runtime::event::{Event, EventType};
@@ -28,6 +30,9 @@ struct Case {
     /// (batches to run, then checkpoint; then extra batches that a crash loses, next parallelism)
     segments: Vec<(usize, usize, usize)>,
     first_parallelism: usize,
+    /// Memory for histories: the default (nothing is evicted) or a few bytes (every history
+    /// not used in the current batch goes to RocksDB and is read back on its next event).
+    state_memory: ByteSize,
 }
 
 fn kind(i: u8) -> EventType {
@@ -67,12 +72,13 @@ fn case(max_disorder: i64) -> impl Strategy<Value = Case> {
         prop::collection::vec((0usize..6, 0usize..3, 1usize..=4), 0..4),
         1usize..=4,
         1u32..=3,
+        any::<bool>(),
     );
     (params, events, plan).prop_map(
         |(
             (slide, ppw, lateness, ooo, hist, gap, k, nl, excl),
             evs,
-            (max_batch, segments, p0, nparts),
+            (max_batch, segments, p0, nparts, spill),
         )| {
             let df = DataflowConfig {
                 weights: Weights {
@@ -111,6 +117,11 @@ fn case(max_disorder: i64) -> impl Strategy<Value = Case> {
                 max_batch,
                 segments,
                 first_parallelism: p0,
+                state_memory: if spill {
+                    ByteSize(1)
+                } else {
+                    riffle_runtime::config::default_state_memory()
+                },
             }
         },
     )
@@ -140,6 +151,7 @@ fn job(c: &Case, dir: &Path, parallelism: usize) -> JobConfig {
         checkpoint_interval: Duration::secs(3600),
         retained_checkpoints: 2,
         max_batch_size: c.max_batch,
+        state_memory: c.state_memory,
         dataflow: c.df.clone(),
         ..JobConfig::local("prop", dir, SourceConfig::Generator(Default::default()))
     }

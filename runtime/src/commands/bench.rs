@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::{GeneratorConfig, JobConfig, SourceConfig};
+use crate::config::{ByteSize, GeneratorConfig, JobConfig, SourceConfig};
 use crate::engine::{Engine, Restore};
 use crate::metrics::Metrics;
 use crate::sink::file::FileSink;
@@ -20,6 +20,9 @@ pub struct BenchOptions {
     pub parallelism: usize,
     pub events_per_second: u64,
     pub max_batch_size: usize,
+    pub state_memory: ByteSize,
+    /// Skew of users and items (Zipf exponent; 0 is uniform).
+    pub zipf_exponent: f64,
 }
 
 impl Default for BenchOptions {
@@ -32,6 +35,8 @@ impl Default for BenchOptions {
             // Event-time rate per partition (2 partitions): 2,000 events per event-time second.
             events_per_second: 1_000,
             max_batch_size: 4096,
+            state_memory: crate::config::default_state_memory(),
+            zipf_exponent: GeneratorConfig::default().zipf_exponent,
         }
     }
 }
@@ -42,6 +47,7 @@ pub struct BenchReport {
     pub seconds: f64,
     pub events_per_second: f64,
     pub events_per_second_per_core: f64,
+    pub events_per_cpu_second: f64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub checkpoints: usize,
@@ -50,6 +56,12 @@ pub struct BenchReport {
     pub checkpoint_uploaded_mb_avg: f64,
     pub checkpoint_size_mb_last: f64,
     pub peak_rss_mb: f64,
+    pub state_memory: ByteSize,
+    /// Users whose history is in memory at the end, and the approximate bytes.
+    pub users_hot: u64,
+    pub history_hot_mb: f64,
+    pub history_loads: u64,
+    pub history_evictions: u64,
     pub recommendations: u64,
     pub item_stats: u64,
 }
@@ -65,8 +77,13 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "per core               {:.0} events/s",
+            "per core               {:.0} events/s (throughput / min(parallelism, cores))",
             self.events_per_second_per_core
+        )?;
+        writeln!(
+            f,
+            "per CPU-second         {:.0} events (user + system time of all threads)",
+            self.events_per_cpu_second
         )?;
         writeln!(
             f,
@@ -84,6 +101,15 @@ impl std::fmt::Display for BenchReport {
             self.checkpoint_size_mb_last, self.checkpoint_uploaded_mb_avg
         )?;
         writeln!(f, "peak RSS               {:.0} MB", self.peak_rss_mb)?;
+        writeln!(
+            f,
+            "histories              {} users in memory ({:.0} MB, budget {}), {} read back from RocksDB, {} evicted",
+            self.users_hot,
+            self.history_hot_mb,
+            self.state_memory,
+            self.history_loads,
+            self.history_evictions
+        )?;
         write!(
             f,
             "output                 {} recommendations, {} item stats",
@@ -99,11 +125,13 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         events: opts.events,
         partitions: 2,
         events_per_second: opts.events_per_second,
+        zipf_exponent: opts.zipf_exponent,
         ..GeneratorConfig::default()
     };
     let job = JobConfig {
         parallelism: opts.parallelism,
         max_batch_size: opts.max_batch_size,
+        state_memory: opts.state_memory,
         ..JobConfig::local("bench", workdir, SourceConfig::Generator(gen.clone()))
     };
     let metrics = Arc::new(Metrics::default());
@@ -117,8 +145,11 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     )?;
     engine.enable_latency_histogram();
     let started = Instant::now();
+    let cpu_before = super::cpu_seconds().unwrap_or(0.0);
     engine.run()?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = super::cpu_seconds().unwrap_or(0.0) - cpu_before;
+    let (users_hot, hot_bytes, history_loads, history_evictions) = engine.history_tiers();
     let h = engine.latency.as_ref().expect("enabled above");
     let mut durations: Vec<u64> = engine
         .checkpoint_log
@@ -138,6 +169,7 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         seconds,
         events_per_second: eps,
         events_per_second_per_core: eps / opts.parallelism.min(available_cores()) as f64,
+        events_per_cpu_second: s.events_in as f64 / cpu.max(1e-9),
         latency_p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
         latency_p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
         checkpoints: durations.len(),
@@ -151,6 +183,11 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
             .last()
             .map_or(0.0, |c| c.size_bytes as f64 / 1e6),
         peak_rss_mb: super::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+        state_memory: opts.state_memory,
+        users_hot,
+        history_hot_mb: hot_bytes as f64 / 1e6,
+        history_loads,
+        history_evictions,
         recommendations: s.recommendations_out,
         item_stats: s.item_stats_out,
     })

@@ -56,6 +56,18 @@ pub fn demo_config(workdir: &Path, events: u64, parallelism: usize) -> JobConfig
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
+/// CPU time (user + system, all threads) this process has used so far.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start at state (field 3);
+    // utime and stime are fields 14 and 15, in USER_HZ ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

@@ -20,6 +20,9 @@ pub const PANES: StateDescriptor = StateDescriptor {
     tag: b'P',
 };
 
+/// Windows ahead of the running one whose sums are kept (see `ItemStage::ahead`).
+const MAX_AHEAD_WINDOWS: usize = 4;
+
 /// A dense item number, local to one stage (see [`Dict`]).
 type Id = u32;
 
@@ -225,11 +228,11 @@ pub struct ItemStage {
     next_end: Option<i64>,
     /// Sum of the panes of the window ending at `next_end`.
     win: FastMap<Id, WinAgg>,
-    /// Sums for the window after that one (ending at `ahead_end`), only for the items
-    /// requested there: events just past a slide boundary, ahead of the watermark, are scored
-    /// on it. Valid while `ahead_end` is `next_end + slide`.
-    ahead: FastMap<Id, WinAgg>,
-    ahead_end: Option<i64>,
+    /// Sums for windows after the running one (by end), only for the items requested there:
+    /// events ahead of the stage's watermark (just past a slide boundary, or before the
+    /// watermark is finite at all) are scored on them. Summed once per item and window, then
+    /// kept up to date by `apply_ids`; dropped once the running window reaches them.
+    ahead: BTreeMap<i64, FastMap<Id, WinAgg>>,
     wm: i64,
     /// Panes below this index were deleted since the last snapshot.
     expired_below: Option<i64>,
@@ -245,8 +248,7 @@ impl ItemStage {
             dirty: Vec::new(),
             next_end: None,
             win: FastMap::default(),
-            ahead: FastMap::default(),
-            ahead_end: None,
+            ahead: BTreeMap::new(),
             wm: WM_MIN,
             expired_below: None,
             emitted_through: EmittedThrough::default(),
@@ -285,10 +287,12 @@ impl ItemStage {
         })
     }
 
-    /// `ahead_end` if the ahead sums are for the window after the running one.
-    fn ahead_valid(&self) -> Option<i64> {
-        let next = self.next_end?.checked_add(self.params.windowing.slide);
-        self.ahead_end.filter(|e| Some(*e) == next)
+    /// Drop the sums of windows the running window has reached (or all, when none runs).
+    fn prune_ahead(&mut self) {
+        match self.next_end {
+            Some(end) => self.ahead = self.ahead.split_off(&end.saturating_add(1)),
+            None => self.ahead.clear(),
+        }
     }
 
     /// Add a co-visitation increment (`other = Some`) or popularity (`None`) to a pane.
@@ -300,7 +304,6 @@ impl ItemStage {
 
     fn apply_ids(&mut self, kg: u32, pane: i64, item: Id, other: Option<Id>, weight: u64) {
         let in_win = self.in_window(self.next_end, pane);
-        let in_ahead = self.in_window(self.ahead_valid(), pane);
         let entry = self.panes.entry(pane).or_default().entry(item).or_default();
         entry.kg = kg;
         if !entry.dirty {
@@ -319,11 +322,17 @@ impl ItemStage {
                 None => agg.pop += weight,
             }
         }
-        if in_ahead {
-            if let Some(agg) = self.ahead.get_mut(&item) {
-                match other {
-                    Some(o) => agg.add(o, weight, cap, &self.dict),
-                    None => agg.pop += weight,
+        if !self.ahead.is_empty() {
+            // The windows containing `pane` end at (pane + 1)·S … (pane + W/S)·S.
+            let w = self.params.windowing;
+            let first = (pane + 1).saturating_mul(w.slide);
+            let last = w.last_window_end(pane);
+            for sums in self.ahead.range_mut(first..=last).map(|(_, m)| m) {
+                if let Some(agg) = sums.get_mut(&item) {
+                    match other {
+                        Some(o) => agg.add(o, weight, cap, &self.dict),
+                        None => agg.pop += weight,
+                    }
                 }
             }
         }
@@ -436,18 +445,25 @@ impl ItemStage {
             };
             agg.ensure_top(cap, &self.dict);
             (agg.pop, agg.top.iter().map(|(w, id)| (*id, *w)).collect())
-        } else if self.next_end.and_then(|e| e.checked_add(w.slide)) == Some(end)
-            && !w.emitted(end, wm)
-        {
-            // The window after the running one: every pane of it is live (its first pane's
-            // last window is this one, which is not emitted). Summed once per item and slide,
-            // then kept up to date by `apply_ids`.
-            if self.ahead_valid() != Some(end) {
-                self.ahead.clear();
-                self.ahead_end = Some(end);
-            }
+        } else if self.next_end.is_none_or(|n| end > n) && !w.emitted(end, wm) {
+            // A window after the running one: every pane of it is live (its first pane's last
+            // window is this one, which is not emitted).
             let cap = self.top_cap();
-            let agg = match self.ahead.entry(item) {
+            if let std::collections::btree_map::Entry::Vacant(v) = self.ahead.entry(end) {
+                v.insert(FastMap::default());
+                // Bounded: a window dropped here is summed again if it is requested again.
+                while self.ahead.len() > MAX_AHEAD_WINDOWS {
+                    let (&lowest, _) = self.ahead.first_key_value().expect("not empty");
+                    let victim = if lowest == end {
+                        *self.ahead.last_key_value().expect("not empty").0
+                    } else {
+                        lowest
+                    };
+                    self.ahead.remove(&victim);
+                }
+            }
+            let sums = self.ahead.get_mut(&end).expect("inserted above");
+            let agg = match sums.entry(item) {
                 Entry::Occupied(o) => o.into_mut(),
                 Entry::Vacant(v) => {
                     let mut agg = WinAgg::default();
@@ -550,6 +566,7 @@ impl ItemStage {
         if wm == WM_MAX {
             self.next_end = None;
         }
+        self.prune_ahead();
     }
 
     /// Start the running window at `end`, summing its panes from scratch.
@@ -557,8 +574,7 @@ impl ItemStage {
         let w = self.params.windowing;
         self.next_end = Some(end);
         self.win.clear();
-        self.ahead.clear();
-        self.ahead_end = None;
+        self.prune_ahead();
         let first = w.pane(end) - w.panes_per_window();
         for entries in self.panes.range(first..w.pane(end)).map(|(_, e)| e) {
             for (item, e) in entries {

@@ -2,12 +2,14 @@
 //! request per event.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::exchange::{Exchange, RecRequest};
 use super::window::Windowing;
 use super::{FastMap, Key, Stamped};
 use crate::event::EventType;
-use crate::state::{codec, StateDescriptor, StateOp};
+use crate::state::{codec, SpillStore, StateDescriptor, StateOp};
+use crate::Result;
 
 /// The user stage's only state: histories.
 pub const HISTORIES: StateDescriptor = StateDescriptor {
@@ -27,7 +29,16 @@ pub struct HistEntry {
 struct History {
     entries: VecDeque<HistEntry>,
     kg: u32,
+    /// Changed since it was last written to the store (snapshot or eviction).
     dirty: bool,
+    /// The maintenance round it was last used in (recency for eviction).
+    used: u32,
+}
+
+/// Approximate heap bytes of one history in the hot tier: its map slot, key and entries.
+fn history_bytes(entries: usize) -> usize {
+    const SLOT: usize = std::mem::size_of::<(Key, History)>() + 8;
+    SLOT + entries * std::mem::size_of::<HistEntry>()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -38,11 +49,26 @@ pub struct UserParams {
     pub windowing: Windowing,
 }
 
+/// Histories in two tiers: a hot in-memory map, bounded by a byte budget, in front of a
+/// [`SpillStore`] (RocksDB) that holds everything else. A history is read from the store on
+/// first use and stays hot while it is used; when the hot tier outgrows the budget, the least
+/// recently used histories leave it, the changed ones written back in one batch. Without a
+/// store (or with a budget nothing outgrows) every history stays in memory.
 pub struct UserStage {
     params: UserParams,
     histories: FastMap<Key, History>,
     /// Users whose history was deleted since the last snapshot (their keys must go too).
     deleted: Vec<(u32, Key)>,
+    /// Users whose history became dirty since the last snapshot, each listed once.
+    dirty: Vec<Key>,
+    store: Option<Arc<dyn SpillStore>>,
+    budget: usize,
+    /// Approximate bytes of the hot tier (see `history_bytes`).
+    hot_bytes: usize,
+    round: u32,
+    /// Histories read from the store and written back to it, since the start.
+    pub loads: u64,
+    pub evictions: u64,
 }
 
 impl UserStage {
@@ -51,16 +77,94 @@ impl UserStage {
             params,
             histories: FastMap::default(),
             deleted: Vec::new(),
+            dirty: Vec::new(),
+            store: None,
+            budget: usize::MAX,
+            hot_bytes: 0,
+            round: 0,
+            loads: 0,
+            evictions: 0,
         }
     }
 
+    /// Back the stage with `store` and keep at most about `budget` bytes of histories in
+    /// memory. The store must hold every history not in memory (a restored checkpoint does).
+    pub fn set_store(&mut self, store: Arc<dyn SpillStore>, budget: usize) {
+        self.store = Some(store);
+        self.budget = budget;
+    }
+
+    /// Let go of the store (before the database behind it is closed or replaced).
+    pub fn detach_store(&mut self) {
+        self.store = None;
+        self.budget = usize::MAX;
+    }
+
+    /// Histories in memory.
     pub fn users(&self) -> usize {
         self.histories.len()
     }
 
+    pub fn hot_bytes(&self) -> usize {
+        self.hot_bytes
+    }
+
+    /// The user's history, from memory or the store, or a new empty one.
+    fn history(&mut self, user: &str, kg: u32) -> Result<&mut History> {
+        let round = self.round;
+        if !self.histories.contains_key(user) {
+            let loaded = match &self.store {
+                Some(store) => store
+                    .get(&codec::state_key(kg, HISTORIES.tag, user.as_bytes()))?
+                    .map(|v| decode_history(&v))
+                    .transpose()?,
+                None => None,
+            };
+            let entries = match loaded {
+                Some(entries) => {
+                    self.loads += 1;
+                    entries
+                }
+                None => VecDeque::new(),
+            };
+            self.hot_bytes += history_bytes(entries.len());
+            self.histories.insert(
+                Key::from(user),
+                History {
+                    entries,
+                    kg,
+                    dirty: false,
+                    used: round,
+                },
+            );
+        }
+        let h = self.histories.get_mut(user).expect("inserted above");
+        h.used = round;
+        Ok(h)
+    }
+
+    /// Append to a history (dropping the oldest beyond N) and mark it dirty.
+    fn append(&mut self, user: &str, kg: u32, entry: HistEntry) -> Result<()> {
+        let n = self.params.history_length;
+        let hist = self.history(user, kg)?;
+        let (grew, newly_dirty) = push(hist, entry, n);
+        self.account(user, grew, newly_dirty);
+        Ok(())
+    }
+
+    /// Book an append: its growth of the hot tier and, once per snapshot, the dirty user.
+    fn account(&mut self, user: &str, grew: bool, newly_dirty: bool) {
+        if grew {
+            self.hot_bytes += std::mem::size_of::<HistEntry>();
+        }
+        if newly_dirty {
+            self.dirty.push(Key::from(user));
+        }
+    }
+
     /// Apply one event (in read order for this user) and send its increments and request.
     /// Returns whether the event was late (it then contributes nothing, see the semantics).
-    pub fn process(&mut self, ev: &Stamped, user_kg: u32, x: &mut impl Exchange) -> bool {
+    pub fn process(&mut self, ev: &Stamped, user_kg: u32, x: &mut impl Exchange) -> Result<bool> {
         x.begin_event(ev.seq);
         let p = self.params;
         let win = p.windowing;
@@ -72,13 +176,7 @@ impl UserStage {
         };
         let routing = x.routing();
         let item_kg = routing.key_group(e.item_id.as_bytes());
-        let hist = self
-            .histories
-            .entry(e.user_id.clone())
-            .or_insert_with(|| History {
-                kg: user_kg,
-                ..History::default()
-            });
+        let hist = self.history(&e.user_id, user_kg)?;
         if !late {
             let pane = win.pane(t);
             let w = u64::from(ev.weight);
@@ -87,16 +185,16 @@ impl UserStage {
                 x.add(h.item_kg, pane, &h.item, &e.item_id, w);
             }
         }
-        hist.entries.push_back(HistEntry {
-            item: e.item_id.clone(),
-            item_kg,
-            ts: t,
-            kind: e.kind,
-        });
-        while hist.entries.len() > p.history_length {
-            hist.entries.pop_front();
-        }
-        hist.dirty = true;
+        let (grew, newly_dirty) = push(
+            hist,
+            HistEntry {
+                item: e.item_id.clone(),
+                item_kg,
+                ts: t,
+                kind: e.kind,
+            },
+            p.history_length,
+        );
         let mut excluded: Vec<Key> = Vec::new();
         if p.exclude_purchased {
             for h in hist
@@ -109,6 +207,7 @@ impl UserStage {
                 }
             }
         }
+        self.account(&e.user_id, grew, newly_dirty);
         x.request(
             item_kg,
             RecRequest {
@@ -120,40 +219,92 @@ impl UserStage {
                 excluded,
             },
         );
-        late
+        Ok(late)
     }
 
     /// Append an entry to a user's history without producing anything: recovery replays the
     /// changelog of history appends through this.
-    pub fn replay_append(&mut self, user_kg: u32, user: &str, entry: HistEntry) {
-        let n = self.params.history_length;
-        let hist = self
-            .histories
-            .entry(Key::from(user))
-            .or_insert_with(|| History {
-                kg: user_kg,
-                ..History::default()
-            });
-        hist.entries.push_back(entry);
-        while hist.entries.len() > n {
-            hist.entries.pop_front();
-        }
-        hist.dirty = true;
+    pub fn replay_append(&mut self, user_kg: u32, user: &str, entry: HistEntry) -> Result<()> {
+        self.append(user, user_kg, entry)
     }
 
-    /// Drop histories whose entries are all expired at watermark `wm`.
+    /// Drop the histories in memory whose entries are all expired at watermark `wm`.
+    /// Expired histories that were evicted to the store stay there (their entries never
+    /// count again; they only take disk space) until the user's next event loads them.
     pub fn expire(&mut self, wm: i64) {
         let bound = wm
             .saturating_sub(self.params.session_gap)
             .saturating_sub(self.params.windowing.lateness);
         let deleted = &mut self.deleted;
+        let mut freed = 0;
         self.histories.retain(|user, h| {
             let keep = h.entries.iter().any(|e| e.ts >= bound);
             if !keep {
                 deleted.push((h.kg, user.clone()));
+                freed += history_bytes(h.entries.len());
             }
             keep
         });
+        self.hot_bytes -= freed;
+    }
+
+    /// Between batches: when the hot tier is over budget, move its least recently used
+    /// fifth (at least) to the store, writing the changed ones back in one batch.
+    pub fn maintain(&mut self) -> Result<()> {
+        self.round = self.round.wrapping_add(1);
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        if self.hot_bytes <= self.budget {
+            return Ok(());
+        }
+        let target = self.budget / 5 * 4;
+        let mut by_age: Vec<(u32, usize)> = self
+            .histories
+            .values()
+            .map(|h| {
+                (
+                    self.round.wrapping_sub(h.used),
+                    history_bytes(h.entries.len()),
+                )
+            })
+            .collect();
+        // Oldest first; evict whole rounds until the hot tier is back under the target.
+        by_age.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
+        let mut freed = 0;
+        let mut cutoff = u32::MAX;
+        for (age, bytes) in by_age {
+            if self.hot_bytes - freed <= target || age == 0 {
+                break;
+            }
+            freed += bytes;
+            cutoff = age;
+        }
+        if cutoff == u32::MAX {
+            return Ok(());
+        }
+        let round = self.round;
+        let mut ops = Vec::new();
+        let mut evicted = 0u64;
+        let mut freed = 0;
+        self.histories.retain(|user, h| {
+            if round.wrapping_sub(h.used) < cutoff {
+                return true;
+            }
+            if h.dirty {
+                ops.push(StateOp::Put(
+                    codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
+                    encode_history(&h.entries),
+                ));
+            }
+            evicted += 1;
+            freed += history_bytes(h.entries.len());
+            false
+        });
+        store.write(ops)?;
+        self.hot_bytes -= freed;
+        self.evictions += evicted;
+        Ok(())
     }
 
     /// State changes since the last snapshot.
@@ -165,51 +316,167 @@ impl UserStage {
                 user.as_bytes(),
             )));
         }
-        for (user, h) in self.histories.iter_mut().filter(|(_, h)| h.dirty) {
-            h.dirty = false;
-            let mut v = Vec::with_capacity(h.entries.len() * 24);
-            codec::put_u32(&mut v, h.entries.len() as u32);
-            for e in &h.entries {
-                codec::put_str(&mut v, &e.item);
-                codec::put_u32(&mut v, e.item_kg);
-                codec::put_i64(&mut v, e.ts);
-                v.push(e.kind.as_u8());
+        for user in self.dirty.drain(..) {
+            // Gone (expired: deleted above; evicted: written back then) or already written.
+            let Some(h) = self.histories.get_mut(user.as_str()) else {
+                continue;
+            };
+            if !h.dirty {
+                continue;
             }
+            h.dirty = false;
             ops.push(StateOp::Put(
                 codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
-                v,
+                encode_history(&h.entries),
             ));
         }
     }
+}
 
-    /// Load one history written by [`snapshot`](Self::snapshot).
-    pub fn restore(&mut self, kg: u32, user: &[u8], value: &[u8]) -> crate::Result<()> {
-        let mut r = codec::Reader::new(value);
-        let n = r.u32()? as usize;
-        let mut entries = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            let item = Key::from(r.str()?);
-            let item_kg = r.u32()?;
-            let ts = r.i64()?;
-            let kind = EventType::from_u8(r.u8()?)
-                .ok_or_else(|| crate::Error::CorruptState("bad event type in history".into()))?;
-            entries.push_back(HistEntry {
-                item,
-                item_kg,
-                ts,
-                kind,
-            });
+/// Append `entry`, dropping the oldest beyond `n`; returns (whether the history grew,
+/// whether it just became dirty).
+fn push(hist: &mut History, entry: HistEntry, n: usize) -> (bool, bool) {
+    let before = hist.entries.len();
+    hist.entries.push_back(entry);
+    while hist.entries.len() > n {
+        hist.entries.pop_front();
+    }
+    let newly_dirty = !hist.dirty;
+    hist.dirty = true;
+    (hist.entries.len() > before, newly_dirty)
+}
+
+fn encode_history(entries: &VecDeque<HistEntry>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + entries.len() * 24);
+    codec::put_u32(&mut v, entries.len() as u32);
+    for e in entries {
+        codec::put_str(&mut v, &e.item);
+        codec::put_u32(&mut v, e.item_kg);
+        codec::put_i64(&mut v, e.ts);
+        v.push(e.kind.as_u8());
+    }
+    v
+}
+
+fn decode_history(value: &[u8]) -> Result<VecDeque<HistEntry>> {
+    let mut r = codec::Reader::new(value);
+    let n = r.u32()? as usize;
+    let mut entries = VecDeque::with_capacity(n);
+    for _ in 0..n {
+        let item = Key::from(r.str()?);
+        let item_kg = r.u32()?;
+        let ts = r.i64()?;
+        let kind = EventType::from_u8(r.u8()?)
+            .ok_or_else(|| crate::Error::CorruptState("bad event type in history".into()))?;
+        entries.push_back(HistEntry {
+            item,
+            item_kg,
+            ts,
+            kind,
+        });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DataflowConfig, GeneratorConfig};
+    use crate::dataflow::exchange::{ExchangeWriter, Payload, Routing};
+    use crate::dataflow::BatchFrame;
+    use crate::source::generator::Generator;
+    use crate::state::StateManager;
+
+    fn params() -> UserParams {
+        let df = DataflowConfig::default();
+        UserParams {
+            history_length: df.history_length,
+            session_gap: df.session_gap.0,
+            exclude_purchased: true,
+            windowing: Windowing::new(&df),
         }
-        let user = std::str::from_utf8(user)
-            .map_err(|_| crate::Error::CorruptState("user key is not UTF-8".into()))?;
-        self.histories.insert(
-            Key::from(user),
-            History {
-                entries,
-                kg,
-                dirty: false,
-            },
+    }
+
+    /// Runs 20 batches of generated events; returns everything the stage sent, in order.
+    fn run(stage: &mut UserStage, mut after_batch: impl FnMut(&mut UserStage)) -> Vec<String> {
+        let gen = Generator::new(GeneratorConfig {
+            users: 300,
+            items: 50,
+            ..GeneratorConfig::default()
+        });
+        let routing = Routing {
+            key_groups: 8,
+            parallelism: 1,
+        };
+        let mut sent = Vec::new();
+        for batch in 0..20u64 {
+            let frame = BatchFrame {
+                end_seq: (batch + 1) * 100,
+                ..BatchFrame::default()
+            };
+            let mut x = ExchangeWriter::new(routing, &frame);
+            for seq in batch * 100..(batch + 1) * 100 {
+                let event = gen.event(0, seq);
+                let kg = routing.key_group(event.user_id.as_bytes());
+                let ev = Stamped {
+                    seq,
+                    wm: event.ts - 60_000,
+                    weight: 1,
+                    event,
+                };
+                stage.process(&ev, kg, &mut x).unwrap();
+            }
+            for m in x.finish().boxes.into_iter().flatten() {
+                let mut line = format!("{:?}", m.key);
+                match m.payload {
+                    Payload::Increments(mut adds) => {
+                        adds.sort_by(|a, b| {
+                            (a.pane, &a.item, &a.other).cmp(&(b.pane, &b.item, &b.other))
+                        });
+                        line += &format!("{adds:?}");
+                    }
+                    Payload::Request(r) => line += &format!("{:?}", (r.late, r.excluded)),
+                }
+                sent.push(line);
+            }
+            after_batch(stage);
+        }
+        sent
+    }
+
+    /// With a budget far below the state, histories go to RocksDB and come back on their
+    /// user's next event, the hot tier stays within the budget after every batch, and the
+    /// stage sends exactly what an all-in-memory stage sends.
+    #[test]
+    fn histories_beyond_the_budget_spill_to_the_store_and_come_back() {
+        let mut memory = UserStage::new(params());
+        let want = run(&mut memory, |_| {});
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateManager::create(dir.path()).unwrap();
+        let budget = 4 * history_bytes(20);
+        let mut tiered = UserStage::new(params());
+        tiered.set_store(state.spill_store(), budget);
+        let mut peak = 0;
+        let got = run(&mut tiered, |s| {
+            s.maintain().unwrap();
+            peak = peak.max(s.hot_bytes());
+        });
+        assert_eq!(got, want);
+        assert!(
+            peak <= budget,
+            "hot tier {peak} B after maintenance, budget {budget} B"
         );
-        Ok(())
+        assert!(tiered.evictions > 100, "evictions: {}", tiered.evictions);
+        assert!(tiered.loads > 100, "loads: {}", tiered.loads);
+        // A snapshot now writes only what changed since the evictions wrote it back.
+        let mut ops = Vec::new();
+        tiered.snapshot(&mut ops);
+        assert!(
+            ops.len() <= tiered.users(),
+            "{} ops for {} hot users",
+            ops.len(),
+            tiered.users()
+        );
     }
 }

@@ -8,6 +8,7 @@ pub mod codec;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rocksdb::{checkpoint::Checkpoint, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
@@ -16,11 +17,24 @@ use crate::error::IoContext;
 use crate::store::ObjectStore;
 use crate::Result;
 
+/// RocksDB's own memory, on top of the hot tier's budget: the block cache and at most two
+/// memtables.
+pub const BLOCK_CACHE_BYTES: usize = 32 << 20;
+pub const WRITE_BUFFER_BYTES: usize = 32 << 20;
+
 /// A named piece of operator state and the tag byte of its keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateDescriptor {
     pub name: &'static str,
     pub tag: u8,
+}
+
+/// Keyed state beyond memory, as the dataflow's stages see it: point reads and batched
+/// writes of encoded values. RocksDB serves it ([`StateManager::spill_store`]); the stages
+/// never see more of the database than this.
+pub trait SpillStore: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn write(&self, ops: Vec<StateOp>) -> Result<()>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +62,7 @@ pub struct UploadStats {
 }
 
 pub struct StateManager {
-    db: DB,
+    db: Arc<DB>,
     dir: PathBuf,
     run_id: String,
     /// Table files already in the store: local name → store key.
@@ -58,6 +72,16 @@ pub struct StateManager {
 fn db_options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
+    // Point reads of evicted state: a bloom filter answers most reads of absent keys (new
+    // users) without touching a table file; the block cache is part of the fixed overhead.
+    let mut t = rocksdb::BlockBasedOptions::default();
+    t.set_bloom_filter(10.0, false);
+    t.set_block_cache(&rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+    t.set_cache_index_and_filter_blocks(true);
+    t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    o.set_block_based_table_factory(&t);
+    o.set_write_buffer_size(WRITE_BUFFER_BYTES);
+    o.set_max_write_buffer_number(2);
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
     o.set_level_compaction_dynamic_level_bytes(true);
     o.set_max_background_jobs(2);
@@ -69,7 +93,7 @@ impl StateManager {
     pub fn create(dir: &Path) -> Result<Self> {
         let db_dir = dir.join("db");
         wipe(dir)?;
-        let db = DB::open(&db_options(), &db_dir)?;
+        let db = Arc::new(DB::open(&db_options(), &db_dir)?);
         Ok(Self {
             db,
             dir: dir.to_path_buf(),
@@ -104,7 +128,7 @@ impl StateManager {
         let db_dir = dir.join("db");
         wipe(dir)?;
         download(store, base, files, &db_dir)?;
-        let db = DB::open(&db_options(), &db_dir)?;
+        let db = Arc::new(DB::open(&db_options(), &db_dir)?);
         let known = if reuse {
             files
                 .iter()
@@ -132,15 +156,32 @@ impl StateManager {
     }
 
     pub fn apply(&self, ops: Vec<StateOp>) -> Result<()> {
-        let mut batch = WriteBatch::default();
-        for op in ops {
-            match op {
-                StateOp::Put(k, v) => batch.put(k, v),
-                StateOp::Delete(k) => batch.delete(k),
-                StateOp::DeleteRange(from, to) => batch.delete_range(from, to),
+        apply_ops(&self.db, ops)
+    }
+
+    /// A handle the stages read and write evicted state through (the live database: every
+    /// checkpoint is cut after the stages have written back what changed).
+    pub fn spill_store(&self) -> Arc<dyn SpillStore> {
+        Arc::new(Spill(self.db.clone()))
+    }
+
+    /// Visit the keys of one key group and state tag, in key order.
+    pub fn for_each_in(
+        &self,
+        kg: u32,
+        tag: u8,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let prefix = codec::state_key(kg, tag, &[]);
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator(mode) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
             }
+            f(&k, &v)?;
         }
-        self.write(batch)
+        Ok(())
     }
 
     /// Visit every key/value (restore: route them to their owners).
@@ -233,11 +274,7 @@ impl StateManager {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {
-        // No WAL: state is only ever recovered from a snapshot, never from a crashed db.
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        write_batch(&self.db, batch)
     }
 
     /// The store keys of table files already uploaded (local name → key).
@@ -249,6 +286,41 @@ impl StateManager {
     pub fn forget(&mut self, deleted: &[String]) {
         self.known.retain(|_, key| !deleted.contains(key));
     }
+}
+
+struct Spill(Arc<DB>);
+
+impl SpillStore for Spill {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.get(key)?)
+    }
+
+    fn write(&self, ops: Vec<StateOp>) -> Result<()> {
+        apply_ops(&self.0, ops)
+    }
+}
+
+fn apply_ops(db: &DB, ops: Vec<StateOp>) -> Result<()> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::default();
+    for op in ops {
+        match op {
+            StateOp::Put(k, v) => batch.put(k, v),
+            StateOp::Delete(k) => batch.delete(k),
+            StateOp::DeleteRange(from, to) => batch.delete_range(from, to),
+        }
+    }
+    write_batch(db, batch)
+}
+
+fn write_batch(db: &DB, batch: WriteBatch) -> Result<()> {
+    // No WAL: state is only ever recovered from a snapshot, never from a crashed db.
+    let mut wo = WriteOptions::default();
+    wo.disable_wal(true);
+    db.write_opt(batch, &wo)?;
+    Ok(())
 }
 
 /// Download snapshot files (keys relative to `base`) into `dest`.

@@ -6,6 +6,8 @@ use super::*;
 impl Worker {
     pub(super) fn commit(&mut self) -> Result<()> {
         let started = Instant::now();
+        // Between two commits: bring the hot tier of histories back within its budget.
+        self.user.maintain()?;
         self.send_marker_if_changed();
         let sender = Sender {
             gen: self.opts.generation,

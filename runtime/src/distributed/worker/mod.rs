@@ -42,7 +42,7 @@ use crate::config::{JobConfig, SourceConfig, StartOffsets};
 use crate::dataflow::exchange::Routing;
 use crate::dataflow::item::{EmittedThrough, ItemOutput, ItemParams, ItemStage, PANES};
 use crate::dataflow::output::LateEvent;
-use crate::dataflow::user::{HistEntry, UserParams, UserStage, HISTORIES};
+use crate::dataflow::user::{HistEntry, UserParams, UserStage};
 use crate::dataflow::window::{Windowing, WM_MIN};
 use crate::dataflow::{FastMap, Key, Stamped};
 use crate::event::{self, Event, EventType, Validation};
@@ -526,6 +526,13 @@ impl Worker {
         self.state.as_mut().expect("the restore opens the state")
     }
 
+    /// Back the user stage with the (newly opened) state database.
+    fn attach_user_store(&mut self) {
+        let store = self.state().spill_store();
+        let budget = usize::try_from(self.cfg.state_memory.0).unwrap_or(usize::MAX);
+        self.user.set_store(store, budget);
+    }
+
     fn uploader(&self) -> &Uploader {
         self.uploader.as_ref().expect("started after the restore")
     }
@@ -717,7 +724,7 @@ impl Worker {
             event,
         };
         self.seq += 1;
-        let late = self.user.process(&stamped, kg, &mut self.sender);
+        let late = self.user.process(&stamped, kg, &mut self.sender)?;
         let e = &stamped.event;
         if self
             .changelog_buf

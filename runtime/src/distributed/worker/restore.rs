@@ -43,7 +43,9 @@ impl Worker {
         let mut through = FastMap::default();
         match mode {
             StartMode::Fresh => {
+                self.user.detach_store();
                 self.state = Some(StateManager::create(&self.state_dir)?);
+                self.attach_user_store();
                 for kg in &kgs {
                     let (_, hi, xlo) = ends[kg];
                     inboxes.insert(*kg, Inbox::new(PartitionTable::new(gen, workers), WM_MIN));
@@ -245,7 +247,9 @@ impl Worker {
         known: &mut HashMap<String, String>,
     ) -> Result<BTreeMap<u32, Inbox>> {
         let state_dir = self.state_dir.clone();
-        self.state = None; // closes a database opened by an earlier attempt
+        // Close a database opened by an earlier attempt (the user stage holds it too).
+        self.user.detach_store();
+        self.state = None;
         let parts: Vec<(&String, &Vec<u32>)> = by_part
             .iter()
             .filter_map(|(u, k)| u.as_ref().map(|u| (u, k)))
@@ -293,23 +297,22 @@ impl Worker {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
         }
-        // Route the state to the stages.
+        // Route the state to the stages: panes and inboxes into memory; histories stay in the
+        // database, read on their user's first event.
         let mut inboxes = BTreeMap::new();
-        let user = &mut self.user;
         let item = &mut self.item;
         let state = self.state.as_ref().expect("opened above");
-        state.for_each(|key, value| {
-            let (kg, tag, rest) = codec::split_key(key)?;
-            match tag {
-                t if t == HISTORIES.tag => user.restore(kg, rest, value),
-                t if t == PANES.tag => item.restore(kg, rest, value),
-                INBOXES => {
-                    inboxes.insert(kg, Inbox::decode(value)?);
-                    Ok(())
-                }
-                other => Err(Error::CorruptState(format!("unknown state tag {other}"))),
-            }
-        })?;
+        for kg in self.range.clone() {
+            state.for_each_in(kg, PANES.tag, |key, value| {
+                let (kg, _, rest) = codec::split_key(key)?;
+                item.restore(kg, rest, value)
+            })?;
+            state.for_each_in(kg, INBOXES, |_, value| {
+                inboxes.insert(kg, Inbox::decode(value)?);
+                Ok(())
+            })?;
+        }
+        self.attach_user_store();
         Ok(inboxes)
     }
 
@@ -328,10 +331,16 @@ impl Worker {
             .collect();
         let user = &mut self.user;
         read_ranges(&self.cfg, &self.topics, &topic, &ranges, |kg, payload| {
+            let mut failed = None;
             n += changelog::decode(payload, |user_id, entry| {
-                user.replay_append(kg, user_id, entry);
+                if failed.is_none() {
+                    failed = user.replay_append(kg, user_id, entry).err();
+                }
             })?;
-            Ok(())
+            match failed {
+                Some(e) => Err(e),
+                None => user.maintain(),
+            }
         })?;
         tracing::info!(
             appends = n,
