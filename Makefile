@@ -51,6 +51,15 @@ bench-kafka: deps
 	e2e/testbed/testbed up
 	eval "$$(e2e/testbed/testbed env)" && $(CARGO_TARGET_DIR)/release/riffle bench-kafka
 
+## Riffle vs Apache Flink side by side on the test bed (bench/flink/README.md): one generated
+## input, both engines alternately for ROUNDS rounds (default 3); writes bench/results/. Not
+## part of `make test`. Starts the test bed only if it is down.
+.PHONY: bench-flink
+bench-flink: deps
+	$(CARGO) build --release --workspace --bin riffle
+	cd bench/flink && (mvn -B -q -o package || mvn -B -q package)
+	bench/flink/run $(BENCH_FLINK_ARGS)
+
 ## The full-size chaos test of the distributed runtime (1 M events, 24 SIGKILLs) on the test
 ## bed; `make test` runs a smaller one.
 chaos: deps
