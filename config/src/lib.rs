@@ -55,8 +55,7 @@ impl FromStr for Duration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
+        let (num, unit) = split_number(s);
         let n: i64 = num
             .parse()
             .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s, 5m, 1h, 7d"))?;
@@ -112,17 +111,32 @@ impl Serialize for Duration {
 
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(i64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Millis(ms) => Ok(Duration(ms)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, Duration)
     }
+}
+
+/// A quantity written as a plain number (in its base unit) or as text its `FromStr` reads.
+fn number_or_text<'de, D, N, T>(d: D, from_number: fn(N) -> T) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    N: Deserialize<'de>,
+    T: FromStr<Err = String>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<N> {
+        Number(N),
+        Text(String),
+    }
+    match Raw::<N>::deserialize(d)? {
+        Raw::Number(n) => Ok(from_number(n)),
+        Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+/// `"512Mi"` → `("512", "Mi")`: the leading digits and the rest.
+fn split_number(s: &str) -> (&str, &str) {
+    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()))
 }
 
 /// A size in bytes, written as a Kubernetes quantity (`512Mi`, `2Gi`, `500M`) or a plain
@@ -140,8 +154,7 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
+        let (num, unit) = split_number(s);
         let n: u64 = num
             .parse()
             .map_err(|_| format!("invalid size {s:?}: expected e.g. 512Mi, 2Gi, 500M"))?;
@@ -199,16 +212,7 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, ByteSize)
     }
 }
 
@@ -904,6 +908,20 @@ impl JobConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_print_and_read_from_yaml() {
+        assert_eq!("512Mi".parse::<ByteSize>().unwrap(), ByteSize::mib(512));
+        assert_eq!("2G".parse::<ByteSize>().unwrap().0, 2_000_000_000);
+        assert!("2GB".parse::<ByteSize>().is_err());
+        assert!("99999999999Ti".parse::<ByteSize>().is_err(), "overflow");
+        assert_eq!(ByteSize::mib(1024).to_string(), "1Gi");
+        assert_eq!(ByteSize(1500).to_string(), "1500");
+        let read: Vec<ByteSize> = serde_yaml::from_str("[1024, 256Mi]").unwrap();
+        assert_eq!(read, [ByteSize(1024), ByteSize::mib(256)]);
+        let read: Vec<Duration> = serde_yaml::from_str("[250, 10s]").unwrap();
+        assert_eq!(read, [Duration(250), Duration::secs(10)]);
+    }
 
     #[test]
     fn durations_parse_and_print() {
