@@ -698,9 +698,11 @@ pub struct JobConfig {
     /// Upper bound of records per micro-batch (latency vs. per-batch overhead).
     #[serde(default = "default_max_batch")]
     pub max_batch_size: usize,
-    /// Memory for user histories per worker (local mode: per job): the hot tier in front of
-    /// RocksDB in `stateDir`. Histories beyond it are evicted, least recently used first, and
-    /// read back on their user's next event.
+    /// Memory for keyed state per worker (local mode: per job): the hot tiers in front of
+    /// RocksDB in `stateDir`, shared by user histories and the item state (each gets at least
+    /// half). Histories
+    /// beyond it are evicted least recently used first, pane entries oldest pane first; both
+    /// are read back on use.
     #[serde(default = "default_state_memory")]
     pub state_memory: ByteSize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -737,9 +739,10 @@ fn default_retained() -> usize {
 fn default_max_batch() -> usize {
     4096
 }
-/// Sized for a small pod: a quarter of 1 GiB.
+/// Sized for a pod with 2 GiB of memory: half for keyed state, the rest for RocksDB's own
+/// memory, buffers and the item dictionary (README, "State beyond memory").
 pub fn default_state_memory() -> ByteSize {
-    ByteSize::mib(256)
+    ByteSize::mib(1024)
 }
 
 impl JobConfig {

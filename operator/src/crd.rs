@@ -106,9 +106,10 @@ pub struct StreamJobSpec {
     /// Time between Kafka transaction commits: how soon outputs become visible.
     #[serde(default = "riffle_config::default_commit_interval")]
     pub commit_interval: Duration,
-    /// Memory for user histories per worker, in front of RocksDB on the pod's state volume
-    /// (default 256Mi). Leave room for it, the fixed overhead and the item state in the
-    /// pod's memory limit.
+    /// Memory for keyed state per worker, shared by user histories and the item state (pane
+    /// entries and window sums; each gets at least half), in front of RocksDB on the pod's
+    /// state volume (default 1Gi). Leave room for it and the fixed overhead in the pod's
+    /// memory limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_memory: Option<ByteSize>,
     /// How state crosses an upgrade.

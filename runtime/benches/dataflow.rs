@@ -93,18 +93,22 @@ fn dataflow_batch(c: &mut Criterion) {
                         .expect("no store, no I/O");
                 }
                 let out = x.finish();
-                let res = item.process_batch(
-                    merge_inboxes(
-                        out.boxes
-                            .into_iter()
-                            .take(1)
-                            .map(|b| vec![b])
-                            .next()
-                            .unwrap(),
-                    ),
-                    &frame,
-                    |k| routing.key_group(k),
-                );
+                let mut stats = Vec::new();
+                let res = item
+                    .process_batch(
+                        merge_inboxes(
+                            out.boxes
+                                .into_iter()
+                                .take(1)
+                                .map(|b| vec![b])
+                                .next()
+                                .unwrap(),
+                        ),
+                        &frame,
+                        |k| routing.key_group(k),
+                        &mut stats,
+                    )
+                    .expect("no store, no I/O");
                 black_box(res.recs.len())
             })
         },

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -19,10 +19,11 @@ use crate::checkpoint::{self, Manifest, MANIFEST};
 use crate::config::JobConfig;
 use crate::dataflow::exchange::{merge_inboxes, ExchangeWriter, Outboxes, Routing};
 use crate::dataflow::item::{ItemOutput, ItemParams, ItemStage, PANES};
+use crate::dataflow::output::{ItemStats, StatsOut};
 use crate::dataflow::trending::TrendingBoard;
 use crate::dataflow::user::{UserParams, UserStage};
 use crate::dataflow::window::Windowing;
-use crate::dataflow::{BatchFrame, Crossing, Stamped};
+use crate::dataflow::{share_budget, BatchFrame, Crossing, Stamped};
 use crate::event::DeadLetter;
 use crate::keygroup;
 use crate::metrics::Metrics;
@@ -104,6 +105,8 @@ pub struct Engine {
     /// Per-batch (events, seconds from read to output) for latency percentiles.
     pub latency: Option<hdrhistogram::Histogram<u64>>,
     pub checkpoint_log: Vec<CheckpointInfo>,
+    /// The item stages' largest hot tier after a batch (approximate bytes).
+    item_hot_peak: usize,
 }
 
 impl Engine {
@@ -212,12 +215,15 @@ impl Engine {
             rate_window: (Instant::now(), 0),
             latency: None,
             checkpoint_log: Vec::new(),
+            item_hot_peak: 0,
         };
-        // Each worker's histories get an equal share of the budget, in front of the database.
-        let share = usize::try_from(engine.cfg.state_memory.0).unwrap_or(usize::MAX)
-            / engine.workers.len().max(1);
+        // Each worker gets an equal share of the budget for its two stages, in front of the
+        // database.
+        let share = engine.worker_budget();
         for w in &mut engine.workers {
             w.user.set_store(engine.state.spill_store(), share);
+            w.item
+                .set_store(engine.state.spill_store(), share, w.range.clone());
         }
         if let Some(m) = manifest {
             engine.restore_from(m)?;
@@ -302,6 +308,21 @@ impl Engine {
                 e + w.user.evictions,
             )
         })
+    }
+
+    /// One worker's state budget: an equal share of `stateMemory`.
+    fn worker_budget(&self) -> usize {
+        usize::try_from(self.cfg.state_memory.0).unwrap_or(usize::MAX) / self.workers.len().max(1)
+    }
+
+    /// The item stages' hot tiers: peak approximate bytes (after a batch's maintenance),
+    /// pane entries read back from the store, pane entries moved to it.
+    pub fn item_tiers(&self) -> (u64, u64, u64) {
+        let (l, e) = self
+            .workers
+            .iter()
+            .fold((0, 0), |(l, e), w| (l + w.item.loads, e + w.item.evictions));
+        (self.item_hot_peak as u64, l, e)
     }
 
     pub fn enable_latency_histogram(&mut self) {
@@ -445,6 +466,7 @@ impl Engine {
     ) -> Result<()> {
         let routing = self.routing;
         let par = self.workers.len();
+        let budget = self.worker_budget();
         // Phase 1: user stage, by owner of the user's key group.
         let mut by_worker: Vec<Vec<(usize, u32)>> = vec![Vec::new(); par];
         for (i, s) in stamped.iter().enumerate() {
@@ -456,6 +478,7 @@ impl Engine {
             for (i, kg) in mine {
                 w.user.process(&stamped[i], kg, &mut x)?;
             }
+            w.user.set_budget(share_budget(budget, w.item.hot_bytes()));
             w.user.maintain()?;
             Ok(x.finish())
         })
@@ -475,11 +498,36 @@ impl Engine {
                 inboxes[dst].push(b);
             }
         }
-        // Phase 2: item stage.
-        let outputs: Vec<ItemOutput> = run_parallel(&mut self.workers, inboxes, |w, inbox| {
-            w.item
-                .process_batch(merge_inboxes(inbox), frame, |k| routing.key_group(k))
-        });
+        // Phase 2: item stage. ItemStats go into the sink in chunks as windows are emitted.
+        let sink = Mutex::new(&mut self.sink);
+        let outputs: Vec<(Result<ItemOutput>, Result<u64>)> =
+            run_parallel(&mut self.workers, inboxes, |w, inbox| {
+                let mut stats = ChunkedStats::new(&sink);
+                let out = w
+                    .item
+                    .process_batch(
+                        merge_inboxes(inbox),
+                        frame,
+                        |k| routing.key_group(k),
+                        &mut stats,
+                    )
+                    .and_then(|out| {
+                        w.item.set_budget(share_budget(budget, w.user.hot_bytes()));
+                        w.item.maintain().map(|()| out)
+                    });
+                (out, stats.finish())
+            });
+        let mut stats_out = 0;
+        let outputs: Vec<ItemOutput> = outputs
+            .into_iter()
+            .map(|(o, n)| {
+                stats_out += n?;
+                o
+            })
+            .collect::<Result<_>>()?;
+        self.metrics.item_stats_out.fetch_add(stats_out, Relaxed);
+        let item_hot: usize = self.workers.iter().map(|w| w.item.hot_bytes()).sum();
+        self.item_hot_peak = self.item_hot_peak.max(item_hot);
         for o in &outputs {
             for (end, list) in &o.trending {
                 self.board.merge(*end, list.clone());
@@ -489,15 +537,11 @@ impl Engine {
         let board = &self.board;
         let k = self.cfg.dataflow.top_k;
         let lateness = self.windowing.lateness;
-        let serialised: Vec<[Vec<u8>; 3]> = run_parallel(&mut self.workers, outputs, |_, mut o| {
+        let serialised: Vec<[Vec<u8>; 2]> = run_parallel(&mut self.workers, outputs, |_, mut o| {
             let mut recs = Vec::with_capacity(o.recs.len() * 256);
             for p in &mut o.recs {
                 board.fill(&mut p.rec.items, k, &p.excluded, p.wm, lateness);
                 write_json_line(&mut recs, &p.rec);
-            }
-            let mut stats = Vec::new();
-            for s in &o.stats {
-                write_json_line(&mut stats, s);
             }
             let mut late = Vec::new();
             for l in &o.late {
@@ -506,14 +550,12 @@ impl Engine {
             let m = &self.metrics;
             m.recommendations_out
                 .fetch_add(o.recs.len() as u64, Relaxed);
-            m.item_stats_out.fetch_add(o.stats.len() as u64, Relaxed);
             m.late.fetch_add(o.late.len() as u64, Relaxed);
             m.windows_emitted.fetch_add(o.windows_emitted, Relaxed);
-            [recs, stats, late]
+            [recs, late]
         });
-        for [recs, stats, late] in serialised {
+        for [recs, late] in serialised {
             self.sink.write(Stream::Recommendations, &recs)?;
-            self.sink.write(Stream::ItemStats, &stats)?;
             self.sink.write(Stream::Late, &late)?;
         }
         let mut dl = Vec::new();
@@ -663,6 +705,63 @@ impl Engine {
             &serde_json::to_vec_pretty(&sp)?,
         )?;
         Ok(self.store.location(&dir))
+    }
+}
+
+/// ItemStats serialised as they are emitted and written to the sink whenever a chunk is
+/// full, so a window of a million items costs one chunk of memory, not all of its records.
+/// Workers share the sink, so chunks of different workers interleave; each item's records
+/// still come in increasing window end (an item has one owner).
+struct ChunkedStats<'a, 'b> {
+    sink: &'a Mutex<&'b mut Box<dyn Sink>>,
+    buf: Vec<u8>,
+    records: u64,
+    error: Option<Error>,
+}
+
+impl<'a, 'b> ChunkedStats<'a, 'b> {
+    const CHUNK_BYTES: usize = 1 << 20;
+
+    fn new(sink: &'a Mutex<&'b mut Box<dyn Sink>>) -> Self {
+        Self {
+            sink,
+            buf: Vec::new(),
+            records: 0,
+            error: None,
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.buf.is_empty() || self.error.is_some() {
+            return;
+        }
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = sink.write(Stream::ItemStats, &self.buf) {
+            self.error = Some(e);
+        }
+        self.buf.clear();
+    }
+
+    /// Write what is left; the number of records, or the first write error.
+    fn finish(mut self) -> Result<u64> {
+        self.flush();
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(self.records),
+        }
+    }
+}
+
+impl StatsOut for ChunkedStats<'_, '_> {
+    fn item_stats(&mut self, stats: ItemStats) {
+        if self.error.is_some() {
+            return;
+        }
+        write_json_line(&mut self.buf, &stats);
+        self.records += 1;
+        if self.buf.len() >= Self::CHUNK_BYTES {
+            self.flush();
+        }
     }
 }
 

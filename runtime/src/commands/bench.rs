@@ -23,6 +23,8 @@ pub struct BenchOptions {
     pub state_memory: ByteSize,
     /// Skew of users and items (Zipf exponent; 0 is uniform).
     pub zipf_exponent: f64,
+    /// Write ItemStats (with a million items, gigabytes per window).
+    pub item_stats: bool,
 }
 
 impl Default for BenchOptions {
@@ -37,6 +39,7 @@ impl Default for BenchOptions {
             max_batch_size: 4096,
             state_memory: crate::config::default_state_memory(),
             zipf_exponent: GeneratorConfig::default().zipf_exponent,
+            item_stats: true,
         }
     }
 }
@@ -62,6 +65,11 @@ pub struct BenchReport {
     pub history_hot_mb: f64,
     pub history_loads: u64,
     pub history_evictions: u64,
+    /// Peak approximate bytes of the item stages' hot tiers (sampled after each batch), and
+    /// pane entries read back from RocksDB and moved to it.
+    pub item_hot_peak_mb: f64,
+    pub pane_loads: u64,
+    pub pane_evictions: u64,
     pub recommendations: u64,
     pub item_stats: u64,
 }
@@ -110,6 +118,11 @@ impl std::fmt::Display for BenchReport {
             self.history_loads,
             self.history_evictions
         )?;
+        writeln!(
+            f,
+            "item state             {:.0} MB in memory at most (budget {} with the histories), {} pane entries read back from RocksDB, {} evicted",
+            self.item_hot_peak_mb, self.state_memory, self.pane_loads, self.pane_evictions
+        )?;
         write!(
             f,
             "output                 {} recommendations, {} item stats",
@@ -128,12 +141,13 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         zipf_exponent: opts.zipf_exponent,
         ..GeneratorConfig::default()
     };
-    let job = JobConfig {
+    let mut job = JobConfig {
         parallelism: opts.parallelism,
         max_batch_size: opts.max_batch_size,
         state_memory: opts.state_memory,
         ..JobConfig::local("bench", workdir, SourceConfig::Generator(gen.clone()))
     };
+    job.sink.item_stats = opts.item_stats;
     let metrics = Arc::new(Metrics::default());
     let sink = FileSink::open(job.sink_dir()?, 1)?;
     let mut engine = Engine::new(
@@ -150,6 +164,7 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     let seconds = started.elapsed().as_secs_f64();
     let cpu = super::cpu_seconds().unwrap_or(0.0) - cpu_before;
     let (users_hot, hot_bytes, history_loads, history_evictions) = engine.history_tiers();
+    let (item_hot_peak, pane_loads, pane_evictions) = engine.item_tiers();
     let h = engine.latency.as_ref().expect("enabled above");
     let mut durations: Vec<u64> = engine
         .checkpoint_log
@@ -188,6 +203,9 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         history_hot_mb: hot_bytes as f64 / 1e6,
         history_loads,
         history_evictions,
+        item_hot_peak_mb: item_hot_peak as f64 / 1e6,
+        pane_loads,
+        pane_evictions,
         recommendations: s.recommendations_out,
         item_stats: s.item_stats_out,
     })

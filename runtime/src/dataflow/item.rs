@@ -4,15 +4,23 @@
 //! State is kept per pane (O(1) work per increment, not W/S). A running sum over the panes of
 //! the next window to emit makes emission and most recommendations O(row) instead of
 //! O(W/S · row): sliding adds one pane and subtracts one.
+//!
+//! With a store and a budget (`set_store`), the state is in two tiers: when it outgrows the
+//! budget, the window sums (derived state) are dropped and the oldest panes' entries move to
+//! the store. Cold entries are read back on use; the running window's sums become a cache
+//! of the items requested, summed from their panes on a miss; and a window with cold panes
+//! is emitted by scanning its panes in the store, one key group at a time.
 
-use std::collections::hash_map::Entry;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::{Range, RangeInclusive};
+use std::sync::Arc;
 
 use super::exchange::{Increment, Message, Payload, RecRequest};
-use super::output::{top_n_by, ItemStats, LateEvent, Neighbor, Recommendation, Scored};
+use super::output::{top_n_by, ItemStats, LateEvent, Neighbor, Recommendation, Scored, StatsOut};
 use super::window::{Windowing, WM_MAX, WM_MIN};
 use super::{BatchFrame, FastMap, Key};
-use crate::state::{codec, StateDescriptor, StateOp};
+use crate::state::{codec, SpillStore, StateDescriptor, StateOp};
+use crate::Result;
 
 /// The item stage's only state: per (pane, item) popularity and co-visitation row.
 pub const PANES: StateDescriptor = StateDescriptor {
@@ -22,6 +30,12 @@ pub const PANES: StateDescriptor = StateDescriptor {
 
 /// Windows ahead of the running one whose sums are kept (see `ItemStage::ahead`).
 const MAX_AHEAD_WINDOWS: usize = 4;
+
+/// Approximate hot-tier bytes of a pane entry, a window sum, and one pair of a row: the
+/// table slot plus a hash table's slack (load factor and power-of-two growth).
+const ENTRY_BYTES: usize = 2 * (std::mem::size_of::<(Id, PaneEntry)>() + 1);
+const WIN_BYTES: usize = 2 * (std::mem::size_of::<(Id, WinAgg)>() + 1);
+const PAIR_BYTES: usize = 2 * (std::mem::size_of::<(Id, u64)>() + 1);
 
 /// A dense item number, local to one stage (see [`Dict`]).
 type Id = u32;
@@ -96,6 +110,8 @@ struct WinAgg {
     /// (weight, id) in rank order: exactly the top `cap` of `row` while `top_valid`.
     top: Vec<(u64, Id)>,
     top_valid: bool,
+    /// The maintenance round it was last requested in (recency for eviction).
+    used: u32,
 }
 
 impl WinAgg {
@@ -122,14 +138,14 @@ impl WinAgg {
         self.pop == 0 && self.row.is_empty()
     }
 
-    /// Add `w` to `row[j]`, keeping `top` exact.
-    fn add(&mut self, j: Id, w: u64, cap: usize, dict: &Dict) {
+    /// Add `w` to `row[j]`, keeping `top` exact; returns whether `j` is new in the row.
+    fn add(&mut self, j: Id, w: u64, cap: usize, dict: &Dict) -> bool {
         let v = self.row.entry(j).or_insert(0);
         let old = *v;
         *v += w;
         let new = *v;
         if !self.top_valid || w == 0 || cap == 0 {
-            return;
+            return old == 0;
         }
         let top = &mut self.top;
         let full = top.len() >= cap;
@@ -139,7 +155,7 @@ impl WinAgg {
         let mut pos = if present {
             let Some(i) = top.iter().position(|(_, id)| *id == j) else {
                 self.top_valid = false;
-                return;
+                return false;
             };
             top[i].0 = new;
             i
@@ -151,12 +167,13 @@ impl WinAgg {
             top[last] = (new, j);
             last
         } else {
-            return;
+            return old == 0;
         };
         while pos > 0 && dict.better(top[pos], top[pos - 1]) {
             top.swap(pos, pos - 1);
             pos -= 1;
         }
+        old == 0
     }
 
     fn ensure_top(&mut self, cap: usize, dict: &Dict) {
@@ -206,11 +223,11 @@ pub struct PendingRec {
     pub excluded: Vec<Key>,
 }
 
-/// What one worker's item stage produced in one batch.
+/// What one worker's item stage produced in one batch (ItemStats go to a [`StatsOut`] as
+/// they are built).
 #[derive(Default)]
 pub struct ItemOutput {
     pub recs: Vec<PendingRec>,
-    pub stats: Vec<ItemStats>,
     pub late: Vec<LateEvent>,
     /// Local top items of each emitted window: (window end, list).
     pub trending: Vec<(i64, Vec<(Key, u64)>)>,
@@ -237,6 +254,72 @@ pub struct ItemStage {
     /// Panes below this index were deleted since the last snapshot.
     expired_below: Option<i64>,
     emitted_through: EmittedThrough,
+    /// The store behind the hot tier; `None`: everything stays in memory.
+    tier: Option<Tier>,
+    /// Panes some of whose entries are only in the store.
+    cold_panes: BTreeSet<i64>,
+    /// `win` holds every item of the running window; otherwise it is a cache of some of
+    /// them, and a missing item is summed from its panes.
+    win_complete: bool,
+    /// Hot-tier sizes for the budget: pane entries, pairs of their rows, pairs of the sums.
+    pane_count: usize,
+    pane_pairs: usize,
+    win_pairs: usize,
+    /// Pane entries read back from the store, and entries moved to it, since the start.
+    pub loads: u64,
+    pub evictions: u64,
+    /// Maintenance rounds so far (the clock of `WinAgg::used`).
+    round: u32,
+}
+
+struct Tier {
+    store: Arc<dyn SpillStore>,
+    budget: usize,
+    /// The key groups whose windows this stage emits (a cold window is scanned per group).
+    owned: Range<u32>,
+}
+
+/// The store key of a pane entry: `(key group, 'P', pane, item)`.
+fn pane_key(kg: u32, pane: i64, item: &str) -> Vec<u8> {
+    let mut rest = codec::ordered_i64(pane).to_vec();
+    rest.extend_from_slice(item.as_bytes());
+    codec::state_key(kg, PANES.tag, &rest)
+}
+
+fn encode_entry(e: &PaneEntry, dict: &Dict) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 + e.row.len() * 20);
+    codec::put_u64(&mut v, e.pop);
+    codec::put_u32(&mut v, e.row.len() as u32);
+    for (k, w) in &e.row {
+        codec::put_str(&mut v, dict.key(*k));
+        codec::put_u64(&mut v, *w);
+    }
+    v
+}
+
+/// Visit an encoded entry's popularity and row without interning anything.
+fn decode_entry<'a>(value: &'a [u8], mut neighbor: impl FnMut(&'a str, u64)) -> Result<u64> {
+    let mut r = codec::Reader::new(value);
+    let pop = r.u64()?;
+    let n = r.u32()? as usize;
+    for _ in 0..n {
+        let k = r.str()?;
+        neighbor(k, r.u64()?);
+    }
+    Ok(pop)
+}
+
+fn load_entry(value: &[u8], kg: u32, dict: &mut Dict) -> Result<PaneEntry> {
+    let mut row = Row::default();
+    let pop = decode_entry(value, |k, w| {
+        row.insert(dict.intern(k), w);
+    })?;
+    Ok(PaneEntry {
+        pop,
+        row,
+        kg,
+        dirty: false,
+    })
 }
 
 impl ItemStage {
@@ -252,7 +335,48 @@ impl ItemStage {
             wm: WM_MIN,
             expired_below: None,
             emitted_through: EmittedThrough::default(),
+            tier: None,
+            cold_panes: BTreeSet::new(),
+            win_complete: true,
+            pane_count: 0,
+            pane_pairs: 0,
+            win_pairs: 0,
+            loads: 0,
+            evictions: 0,
+            round: 0,
         }
+    }
+
+    /// Back the stage with `store` and keep about `budget` bytes of pane entries and window
+    /// sums in memory. `owned` are the key groups whose windows this stage emits. The store
+    /// must hold every pane entry not in memory (a restored checkpoint does).
+    pub fn set_store(&mut self, store: Arc<dyn SpillStore>, budget: usize, owned: Range<u32>) {
+        self.tier = Some(Tier {
+            store,
+            budget,
+            owned,
+        });
+    }
+
+    /// Change the budget (see `share_budget`).
+    pub fn set_budget(&mut self, budget: usize) {
+        if let Some(t) = &mut self.tier {
+            t.budget = budget;
+        }
+    }
+
+    /// Let go of the store (before the database behind it is closed or replaced). Only
+    /// valid while every entry is in memory (before a restore loads the new database).
+    pub fn detach_store(&mut self) {
+        self.tier = None;
+    }
+
+    /// Approximate bytes of the hot tier (see `ENTRY_BYTES`).
+    pub fn hot_bytes(&self) -> usize {
+        self.pane_count * ENTRY_BYTES
+            + self.pane_pairs * PAIR_BYTES
+            + self.win.len() * WIN_BYTES
+            + self.win_pairs * (PAIR_BYTES + std::mem::size_of::<(u64, Id)>())
     }
 
     /// The watermark the stage has advanced to.
@@ -296,30 +420,90 @@ impl ItemStage {
     }
 
     /// Add a co-visitation increment (`other = Some`) or popularity (`None`) to a pane.
-    pub fn apply(&mut self, kg: u32, pane: i64, item: &str, other: Option<&str>, weight: u64) {
+    pub fn apply(
+        &mut self,
+        kg: u32,
+        pane: i64,
+        item: &str,
+        other: Option<&str>,
+        weight: u64,
+    ) -> Result<()> {
         let item = self.dict.intern(item);
         let other = other.map(|o| self.dict.intern(o));
-        self.apply_ids(kg, pane, item, other, weight);
+        self.apply_ids(kg, pane, item, other, weight)
     }
 
-    fn apply_ids(&mut self, kg: u32, pane: i64, item: Id, other: Option<Id>, weight: u64) {
+    /// Bring `item`'s entry in `pane` into memory if it is only in the store.
+    fn warm(&mut self, kg: u32, pane: i64, item: Id) -> Result<()> {
+        if !self.cold_panes.contains(&pane)
+            || self.panes.get(&pane).is_some_and(|m| m.contains_key(&item))
+        {
+            return Ok(());
+        }
+        let Some(tier) = &self.tier else {
+            return Ok(());
+        };
+        if let Some(v) = tier.store.get(&pane_key(kg, pane, self.dict.key(item)))? {
+            let e = load_entry(&v, kg, &mut self.dict)?;
+            self.pane_count += 1;
+            self.pane_pairs += e.row.len();
+            self.loads += 1;
+            self.panes.entry(pane).or_default().insert(item, e);
+        }
+        Ok(())
+    }
+
+    fn apply_ids(
+        &mut self,
+        kg: u32,
+        pane: i64,
+        item: Id,
+        other: Option<Id>,
+        weight: u64,
+    ) -> Result<()> {
+        self.warm(kg, pane, item)?;
         let in_win = self.in_window(self.next_end, pane);
-        let entry = self.panes.entry(pane).or_default().entry(item).or_default();
+        let entries = self.panes.entry(pane).or_default();
+        let entry = match entries.entry(item) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.pane_count += 1;
+                v.insert(PaneEntry::default())
+            }
+        };
         entry.kg = kg;
         if !entry.dirty {
             entry.dirty = true;
             self.dirty.push((pane, item));
         }
         match other {
-            Some(o) => *entry.row.entry(o).or_insert(0) += weight,
+            Some(o) => {
+                let v = entry.row.entry(o).or_insert(0);
+                if *v == 0 {
+                    self.pane_pairs += 1;
+                }
+                *v += weight;
+            }
             None => entry.pop += weight,
         }
         let cap = self.top_cap();
         if in_win {
-            let agg = self.win.entry(item).or_default();
-            match other {
-                Some(o) => agg.add(o, weight, cap, &self.dict),
-                None => agg.pop += weight,
+            // A partial cache holds exact sums for the items it has; others are summed from
+            // their panes when requested.
+            let agg = if self.win_complete {
+                Some(self.win.entry(item).or_default())
+            } else {
+                self.win.get_mut(&item)
+            };
+            if let Some(agg) = agg {
+                match other {
+                    Some(o) => {
+                        if agg.add(o, weight, cap, &self.dict) {
+                            self.win_pairs += 1;
+                        }
+                    }
+                    None => agg.pop += weight,
+                }
             }
         }
         if !self.ahead.is_empty() {
@@ -330,12 +514,44 @@ impl ItemStage {
             for sums in self.ahead.range_mut(first..=last).map(|(_, m)| m) {
                 if let Some(agg) = sums.get_mut(&item) {
                     match other {
-                        Some(o) => agg.add(o, weight, cap, &self.dict),
+                        Some(o) => {
+                            agg.add(o, weight, cap, &self.dict);
+                        }
                         None => agg.pop += weight,
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `item`'s sum over its entries in `panes` that `live` accepts, reading cold ones back.
+    fn sum_panes(
+        &mut self,
+        kg: u32,
+        item: Id,
+        panes: RangeInclusive<i64>,
+        live: impl Fn(i64) -> bool,
+    ) -> Result<WinAgg> {
+        let mut agg = WinAgg::default();
+        let keys: Vec<i64> = self
+            .panes
+            .range(panes)
+            .map(|(p, _)| *p)
+            .filter(|p| live(*p))
+            .collect();
+        for p in keys {
+            if let Some(e) = self.panes.get(&p).and_then(|m| m.get(&item)) {
+                agg.add_pane(e);
+            } else if let Some(tier) = self.tier.as_ref().filter(|_| self.cold_panes.contains(&p)) {
+                // Read, not brought back: reads must not refill the hot tier.
+                if let Some(v) = tier.store.get(&pane_key(kg, p, self.dict.key(item)))? {
+                    agg.add_pane(&load_entry(&v, kg, &mut self.dict)?);
+                    self.loads += 1;
+                }
+            }
+        }
+        Ok(agg)
     }
 
     /// Process one batch of messages (merged in key order) and advance to the batch's end.
@@ -344,14 +560,15 @@ impl ItemStage {
         messages: impl Iterator<Item = Message>,
         frame: &BatchFrame,
         kg_of: impl Fn(&[u8]) -> u32,
-    ) -> ItemOutput {
+        stats: &mut dyn StatsOut,
+    ) -> Result<ItemOutput> {
         let mut out = ItemOutput::default();
         let mut crossings = frame.crossings.iter().peekable();
         for msg in messages {
             // Emit at every crossing before the first message that comes after it.
             while let Some(c) = crossings.peek() {
                 if (c.seq, super::exchange::RANK_CROSSING) < msg.key {
-                    self.advance(c.wm, &mut out);
+                    self.advance(c.wm, &mut out, stats)?;
                     crossings.next();
                 } else {
                     break;
@@ -378,24 +595,24 @@ impl ItemStage {
                             }
                         };
                         let other = self.dict.intern(&other);
-                        self.apply_ids(kg, pane, id, Some(other), weight);
+                        self.apply_ids(kg, pane, id, Some(other), weight)?;
                     }
                 }
                 Payload::Request(req) => {
                     let kg = kg_of(req.event.item_id.as_bytes());
-                    self.request(*req, kg, &mut out);
+                    self.request(*req, kg, &mut out)?;
                 }
             }
         }
         for c in crossings {
-            self.advance(c.wm, &mut out);
+            self.advance(c.wm, &mut out, stats)?;
         }
-        self.advance(frame.wm_end, &mut out);
-        out
+        self.advance(frame.wm_end, &mut out, stats)?;
+        Ok(out)
     }
 
     /// Apply a request's popularity and recommend for its event.
-    pub fn request(&mut self, req: RecRequest, kg: u32, out: &mut ItemOutput) {
+    pub fn request(&mut self, req: RecRequest, kg: u32, out: &mut ItemOutput) -> Result<()> {
         let w = self.params.windowing;
         let ev = &req.event;
         let pane = w.pane(ev.ts);
@@ -412,9 +629,9 @@ impl ItemStage {
                 watermark: req.wm,
             });
         } else {
-            self.apply_ids(kg, pane, item, None, u64::from(req.weight));
+            self.apply_ids(kg, pane, item, None, u64::from(req.weight))?;
         }
-        let items = self.score(item, pane, req.wm, &req.excluded);
+        let items = self.score(item, kg, pane, req.wm, &req.excluded)?;
         out.recs.push(PendingRec {
             seq: req.seq,
             wm: req.wm,
@@ -427,28 +644,46 @@ impl ItemStage {
             },
             excluded: req.excluded,
         });
+        Ok(())
     }
 
     /// Co-visitation candidates of `item` over the live panes of the window ending at the
     /// slide boundary after `pane`.
-    fn score(&mut self, item: Id, pane: i64, wm: i64, excluded: &[Key]) -> Vec<Scored> {
+    fn score(
+        &mut self,
+        item: Id,
+        kg: u32,
+        pane: i64,
+        wm: i64,
+        excluded: &[Key],
+    ) -> Result<Vec<Scored>> {
         let w = self.params.windowing;
         let k = self.params.top_k;
+        let cap = self.top_cap();
         let end = (pane + 1).saturating_mul(w.slide);
+        let first = pane + 1 - w.panes_per_window();
         let excluded: Vec<Id> = excluded.iter().filter_map(|x| self.dict.get(x)).collect();
         let (pop, ranked) = if self.next_end == Some(end) && !w.emitted(end, wm) {
             // The running window: all of its panes are live (it is not emitted yet at the
             // request's watermark; distributed receivers may trail the sender's watermark).
-            let cap = self.top_cap();
-            let Some(agg) = self.win.get_mut(&item) else {
-                return Vec::new();
-            };
+            if !self.win.contains_key(&item) {
+                if self.win_complete {
+                    return Ok(Vec::new());
+                }
+                let agg = self.sum_panes(kg, item, first..=pane, |_| true)?;
+                if agg.pop == 0 && agg.row.is_empty() {
+                    return Ok(Vec::new());
+                }
+                self.win_pairs += agg.row.len();
+                self.win.insert(item, agg);
+            }
+            let agg = self.win.get_mut(&item).expect("present or inserted above");
+            agg.used = self.round;
             agg.ensure_top(cap, &self.dict);
             (agg.pop, agg.top.iter().map(|(w, id)| (*id, *w)).collect())
         } else if self.next_end.is_none_or(|n| end > n) && !w.emitted(end, wm) {
             // A window after the running one: every pane of it is live (its first pane's last
             // window is this one, which is not emitted).
-            let cap = self.top_cap();
             if let std::collections::btree_map::Entry::Vacant(v) = self.ahead.entry(end) {
                 v.insert(FastMap::default());
                 // Bounded: a window dropped here is summed again if it is requested again.
@@ -462,45 +697,31 @@ impl ItemStage {
                     self.ahead.remove(&victim);
                 }
             }
-            let sums = self.ahead.get_mut(&end).expect("inserted above");
-            let agg = match sums.entry(item) {
-                Entry::Occupied(o) => o.into_mut(),
-                Entry::Vacant(v) => {
-                    let mut agg = WinAgg::default();
-                    let first = pane + 1 - w.panes_per_window();
-                    for entries in self.panes.range(first..=pane).map(|(_, e)| e) {
-                        if let Some(e) = entries.get(&item) {
-                            agg.add_pane(e);
-                        }
-                    }
-                    v.insert(agg)
-                }
-            };
+            if !self.ahead[&end].contains_key(&item) {
+                let agg = self.sum_panes(kg, item, first..=pane, |_| true)?;
+                self.ahead
+                    .get_mut(&end)
+                    .expect("inserted above")
+                    .insert(item, agg);
+            }
+            let agg = self
+                .ahead
+                .get_mut(&end)
+                .and_then(|m| m.get_mut(&item))
+                .expect("inserted above");
             agg.ensure_top(cap, &self.dict);
             (agg.pop, agg.top.iter().map(|(w, id)| (*id, *w)).collect())
         } else {
-            let mut pop = 0;
-            let mut row = Row::default();
-            let first = pane + 1 - w.panes_per_window();
-            for (p, entries) in self.panes.range(first..=pane) {
-                if w.pane_live(*p, wm) {
-                    if let Some(e) = entries.get(&item) {
-                        pop += e.pop;
-                        for (j, c) in &e.row {
-                            *row.entry(*j).or_insert(0) += c;
-                        }
-                    }
-                }
-            }
+            let agg = self.sum_panes(kg, item, first..=pane, |p| w.pane_live(p, wm))?;
             // Rank first, exclude after: the top K + |X| always hold the top K non-excluded
             // items, and a row is often far longer than X.
-            (pop, self.dict.top(&row, k + excluded.len()))
+            (agg.pop, self.dict.top(&agg.row, k + excluded.len()))
         };
         if pop == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let pop = pop as f64;
-        ranked
+        Ok(ranked
             .into_iter()
             .filter(|(id, _)| !excluded.contains(id))
             .take(k)
@@ -508,13 +729,18 @@ impl ItemStage {
                 item_id: self.dict.key(id).clone(),
                 score: c as f64 / pop,
             })
-            .collect()
+            .collect())
     }
 
     /// Move the watermark to `wm`: emit every window it completes, delete dead panes.
-    pub fn advance(&mut self, wm: i64, out: &mut ItemOutput) {
+    pub fn advance(
+        &mut self,
+        wm: i64,
+        out: &mut ItemOutput,
+        stats: &mut dyn StatsOut,
+    ) -> Result<()> {
         if wm <= self.wm {
-            return;
+            return Ok(());
         }
         self.wm = wm;
         let w = self.params.windowing;
@@ -523,7 +749,7 @@ impl ItemStage {
         if self.next_end.is_none() {
             let Some(first) = self.panes.keys().next().copied() else {
                 self.next_end = w.first_open_end(wm).filter(|e| *e != WM_MIN);
-                return;
+                return Ok(());
             };
             self.reposition(((first + 1) * w.slide).min(open));
         }
@@ -531,7 +757,13 @@ impl ItemStage {
             if !w.emitted(end, wm) {
                 break;
             }
-            if self.win.is_empty() {
+            let empty = if self.win_complete {
+                self.win.is_empty()
+            } else {
+                let start = w.pane(end) - w.panes_per_window();
+                self.panes.range(start..w.pane(end)).next().is_none()
+            };
+            if empty {
                 // Skip empty windows: jump to the first window of the next non-empty pane.
                 match self.panes.range(w.pane(end)..).next().map(|(p, _)| *p) {
                     Some(p) => {
@@ -547,7 +779,11 @@ impl ItemStage {
                     }
                 }
             }
-            self.emit(end, out);
+            if self.win_complete {
+                self.emit(end, out, stats);
+            } else {
+                self.emit_cold(end, out, stats)?;
+            }
             self.slide();
         }
         // Panes whose last window is emitted can never be read or written again.
@@ -561,12 +797,17 @@ impl ItemStage {
             self.expired_below = Some(self.expired_below.unwrap_or(i64::MIN).max(last + 1));
         }
         for p in dead {
-            self.panes.remove(&p);
+            if let Some(entries) = self.panes.remove(&p) {
+                self.pane_count -= entries.len();
+                self.pane_pairs -= entries.values().map(|e| e.row.len()).sum::<usize>();
+            }
+            self.cold_panes.remove(&p);
         }
         if wm == WM_MAX {
             self.next_end = None;
         }
         self.prune_ahead();
+        Ok(())
     }
 
     /// Start the running window at `end`, summing its panes from scratch.
@@ -574,11 +815,20 @@ impl ItemStage {
         let w = self.params.windowing;
         self.next_end = Some(end);
         self.win.clear();
+        self.win_pairs = 0;
         self.prune_ahead();
         let first = w.pane(end) - w.panes_per_window();
+        // With cold panes in the window its sums are only a cache, filled per request.
+        self.win_complete = self.cold_panes.range(first..w.pane(end)).next().is_none();
+        if !self.win_complete {
+            return;
+        }
         for entries in self.panes.range(first..w.pane(end)).map(|(_, e)| e) {
             for (item, e) in entries {
-                self.win.entry(*item).or_default().add_pane(e);
+                let agg = self.win.entry(*item).or_default();
+                let before = agg.row.len();
+                agg.add_pane(e);
+                self.win_pairs += agg.row.len() - before;
             }
         }
     }
@@ -586,11 +836,20 @@ impl ItemStage {
     fn slide(&mut self) {
         let w = self.params.windowing;
         let Some(end) = self.next_end else { return };
+        let next = end + w.slide;
+        if !self.win_complete || self.cold_panes.contains(&w.pane(end)) {
+            // A cache of some items cannot slide (their entries may be cold): start afresh.
+            self.reposition(next);
+            return;
+        }
         let leaving = w.pane(end) - w.panes_per_window();
         if let Some(entries) = self.panes.get(&leaving) {
             for (item, e) in entries {
                 if let Some(a) = self.win.get_mut(item) {
-                    if a.sub_pane(e) {
+                    let before = a.row.len();
+                    let empty = a.sub_pane(e);
+                    self.win_pairs -= before - a.row.len();
+                    if empty {
                         self.win.remove(item);
                     }
                 }
@@ -598,13 +857,18 @@ impl ItemStage {
         }
         if let Some(entries) = self.panes.get(&w.pane(end)) {
             for (item, e) in entries {
-                self.win.entry(*item).or_default().add_pane(e);
+                let agg = self.win.entry(*item).or_default();
+                let before = agg.row.len();
+                agg.add_pane(e);
+                self.win_pairs += agg.row.len() - before;
             }
         }
-        self.next_end = Some(end + w.slide);
+        self.next_end = Some(next);
     }
 
-    fn emit(&mut self, end: i64, out: &mut ItemOutput) {
+    /// Emit the running window: its ItemStats one by one into `stats` (a window can hold a
+    /// million items; they are never all built at once) and its local trending list.
+    fn emit(&mut self, end: i64, out: &mut ItemOutput, stats: &mut dyn StatsOut) {
         let p = self.params;
         let start = end - p.windowing.size;
         let cap = self.top_cap();
@@ -650,7 +914,7 @@ impl ItemStage {
                         })
                         .collect()
                 };
-                out.stats.push(ItemStats {
+                stats.item_stats(ItemStats {
                     item_id: item.clone(),
                     window_start: start,
                     window_end: end,
@@ -671,6 +935,175 @@ impl ItemStage {
         }
     }
 
+    /// Emit a window that has cold panes: write its changed hot entries back, then sum its
+    /// panes from the store, one key group at a time (memory: one key group's window).
+    fn emit_cold(
+        &mut self,
+        end: i64,
+        out: &mut ItemOutput,
+        stats: &mut dyn StatsOut,
+    ) -> Result<()> {
+        let p = self.params;
+        let w = p.windowing;
+        let tier = self
+            .tier
+            .as_ref()
+            .expect("only a stage with a store has cold panes");
+        let (first, last) = (w.pane(end) - w.panes_per_window(), w.pane(end) - 1);
+        let mut ops = Vec::new();
+        for (pane, entries) in self.panes.range_mut(first..=last) {
+            for (id, e) in entries.iter_mut().filter(|(_, e)| e.dirty) {
+                ops.push(StateOp::Put(
+                    pane_key(e.kg, *pane, self.dict.key(*id)),
+                    encode_entry(e, &self.dict),
+                ));
+                // Still listed in `dirty`: the next snapshot writes it once more, harmlessly.
+                e.dirty = false;
+            }
+        }
+        tier.store.write(ops)?;
+        let skip = &self.emitted_through;
+        let mut any = false;
+        let mut trending: Vec<(Key, u64)> = Vec::new();
+        for kg in tier.owned.clone() {
+            if !skip.through.is_empty() && skip.through.get(&kg).is_some_and(|t| w.emitted(end, *t))
+            {
+                continue;
+            }
+            let mut sums: FastMap<Key, (u64, FastMap<Key, u64>)> = FastMap::default();
+            let from = codec::state_key(kg, PANES.tag, &codec::ordered_i64(first));
+            let to = codec::state_key(kg, PANES.tag, &codec::ordered_i64(last + 1));
+            tier.store.scan(&from, &to, &mut |key, value| {
+                let item = std::str::from_utf8(&key[3 + 8..])
+                    .map_err(|_| crate::Error::CorruptState("item key is not UTF-8".into()))?;
+                let (pop, row) = sums.entry(Key::from(item)).or_default();
+                *pop += decode_entry(value, |k, c| {
+                    *row.entry(Key::from(k)).or_insert(0) += c;
+                })?;
+                Ok(())
+            })?;
+            let listed = sums.iter().filter(|(_, (pop, _))| *pop > 0);
+            let top = top_n_by(
+                listed.clone().map(|(k, (pop, _))| (k, *pop)),
+                p.trending_capacity,
+                |a, b| a.as_bytes() < b.as_bytes(),
+            );
+            trending.extend(top.into_iter().map(|(k, c)| (k.clone(), c)));
+            for (item, (pop, row)) in listed {
+                any = true;
+                if p.emit_stats {
+                    let neighbors = top_n_by(
+                        row.iter().map(|(k, c)| (k, *c)),
+                        p.neighbor_limit,
+                        |a, b| a.as_bytes() < b.as_bytes(),
+                    )
+                    .into_iter()
+                    .map(|(k, c)| Neighbor {
+                        item_id: k.clone(),
+                        weight: c,
+                    })
+                    .collect();
+                    stats.item_stats(ItemStats {
+                        item_id: item.clone(),
+                        window_start: end - w.size,
+                        window_end: end,
+                        popularity: *pop,
+                        neighbors,
+                    });
+                }
+            }
+        }
+        if any {
+            out.windows_emitted += 1;
+            let top = top_n_by(
+                trending.iter().map(|(k, c)| (k, *c)),
+                p.trending_capacity,
+                |a, b| a.as_bytes() < b.as_bytes(),
+            )
+            .into_iter()
+            .map(|(k, c)| (k.clone(), c))
+            .collect();
+            out.trending.push((end, top));
+        }
+        Ok(())
+    }
+
+    /// Between batches: when the hot tier is over budget, drop the least recently requested
+    /// window sums (derived state, summed again on a miss); if that is not enough, drop them
+    /// all and move whole panes' entries to the store, oldest first (the newest takes most
+    /// increments), the changed ones written back in one batch; down to 80 % of the budget.
+    pub fn maintain(&mut self) -> Result<()> {
+        self.round = self.round.wrapping_add(1);
+        let Some(tier) = &self.tier else {
+            return Ok(());
+        };
+        let total = self.hot_bytes();
+        if total <= tier.budget {
+            return Ok(());
+        }
+        let target = tier.budget / 5 * 4;
+        let sum_bytes =
+            |a: &WinAgg| WIN_BYTES + a.row.len() * (PAIR_BYTES + std::mem::size_of::<(u64, Id)>());
+        let sums: usize = self.win.values().map(sum_bytes).sum();
+        if total - sums <= target {
+            // Window sums alone: oldest requests first, until under the target.
+            let mut by_age: Vec<(u32, usize)> = self
+                .win
+                .values()
+                .map(|a| (self.round.wrapping_sub(a.used), sum_bytes(a)))
+                .collect();
+            by_age.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
+            let (mut freed, mut cutoff) = (0, u32::MAX);
+            for (age, bytes) in by_age {
+                if total - freed <= target {
+                    break;
+                }
+                freed += bytes;
+                cutoff = age;
+            }
+            let round = self.round;
+            let win_pairs = &mut self.win_pairs;
+            self.win.retain(|_, a| {
+                let keep = round.wrapping_sub(a.used) < cutoff;
+                if !keep {
+                    *win_pairs -= a.row.len();
+                }
+                keep
+            });
+            self.ahead.clear();
+            self.win_complete = false;
+            return Ok(());
+        }
+        self.win.clear();
+        self.win_pairs = 0;
+        self.ahead.clear();
+        self.win_complete = false;
+        let mut ops = Vec::new();
+        let panes: Vec<i64> = self.panes.keys().copied().collect();
+        for pane in panes {
+            if self.hot_bytes() <= target {
+                break;
+            }
+            let entries = std::mem::take(self.panes.get_mut(&pane).expect("listed above"));
+            if entries.is_empty() {
+                continue;
+            }
+            self.cold_panes.insert(pane);
+            self.pane_count -= entries.len();
+            self.evictions += entries.len() as u64;
+            for (id, e) in entries {
+                self.pane_pairs -= e.row.len();
+                if e.dirty {
+                    ops.push(StateOp::Put(
+                        pane_key(e.kg, pane, self.dict.key(id)),
+                        encode_entry(&e, &self.dict),
+                    ));
+                }
+            }
+        }
+        tier.store.write(ops)
+    }
+
     /// State changes since the last snapshot; `owned` are this worker's key groups.
     pub fn snapshot(&mut self, owned: std::ops::Range<u32>, ops: &mut Vec<StateOp>) {
         if let Some(below) = self.expired_below.take() {
@@ -687,43 +1120,26 @@ impl ItemStage {
                 continue;
             };
             e.dirty = false;
-            let item = self.dict.key(id);
-            let mut key = codec::ordered_i64(pane).to_vec();
-            key.extend_from_slice(item.as_bytes());
-            let mut v = Vec::with_capacity(12 + e.row.len() * 20);
-            codec::put_u64(&mut v, e.pop);
-            codec::put_u32(&mut v, e.row.len() as u32);
-            for (k, w) in &e.row {
-                codec::put_str(&mut v, self.dict.key(*k));
-                codec::put_u64(&mut v, *w);
-            }
-            ops.push(StateOp::Put(codec::state_key(e.kg, PANES.tag, &key), v));
+            ops.push(StateOp::Put(
+                pane_key(e.kg, pane, self.dict.key(id)),
+                encode_entry(e, &self.dict),
+            ));
         }
     }
 
     /// Load one pane entry written by [`snapshot`](Self::snapshot).
-    pub fn restore(&mut self, kg: u32, key: &[u8], value: &[u8]) -> crate::Result<()> {
+    pub fn restore(&mut self, kg: u32, key: &[u8], value: &[u8]) -> Result<()> {
         let pane = codec::from_ordered_i64(key)?;
         let item = std::str::from_utf8(&key[8..])
             .map_err(|_| crate::Error::CorruptState("item key is not UTF-8".into()))?;
         let item = self.dict.intern(item);
-        let mut r = codec::Reader::new(value);
-        let pop = r.u64()?;
-        let n = r.u32()? as usize;
-        let mut row = Row::with_capacity_and_hasher(n, Default::default());
-        for _ in 0..n {
-            let k = self.dict.intern(r.str()?);
-            row.insert(k, r.u64()?);
+        let e = load_entry(value, kg, &mut self.dict)?;
+        self.pane_count += 1;
+        self.pane_pairs += e.row.len();
+        if let Some(old) = self.panes.entry(pane).or_default().insert(item, e) {
+            self.pane_count -= 1;
+            self.pane_pairs -= old.row.len();
         }
-        self.panes.entry(pane).or_default().insert(
-            item,
-            PaneEntry {
-                pop,
-                row,
-                kg,
-                dirty: false,
-            },
-        );
         Ok(())
     }
 
@@ -741,6 +1157,123 @@ impl ItemStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Event, EventType};
+    use crate::state::StateManager;
+
+    fn params() -> ItemParams {
+        ItemParams {
+            windowing: Windowing {
+                slide: 1_000,
+                size: 4_000,
+                lateness: 0,
+            },
+            neighbor_limit: 5,
+            top_k: 4,
+            max_excluded: 3,
+            trending_capacity: 6,
+            emit_stats: true,
+            emit_late: false,
+        }
+    }
+
+    /// Drive a stage with a random stream of increments, requests and watermark steps; after
+    /// each step `after_step` runs (maintenance). Returns every output, ItemStats sorted.
+    fn run(stage: &mut ItemStage, mut after_step: impl FnMut(&mut ItemStage)) -> Vec<String> {
+        let kgs = 8;
+        let kg = |item: &str| crate::keygroup::key_group(item.as_bytes(), kgs);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut lines = Vec::new();
+        let mut stats: Vec<ItemStats> = Vec::new();
+        let mut wm = WM_MIN;
+        let mut t = 0i64;
+        for step in 0..3_000u64 {
+            t += (next() % 40) as i64;
+            let ts = t - (next() % 3_000) as i64;
+            let pane = ts.div_euclid(1_000);
+            let item = format!("i{}", next() % 60);
+            let mut out = ItemOutput::default();
+            if next() % 3 == 0 {
+                let req = RecRequest {
+                    seq: step,
+                    wm,
+                    event: Event {
+                        event_id: format!("e{step}").into(),
+                        user_id: "u".into(),
+                        item_id: item.as_str().into(),
+                        kind: EventType::Click,
+                        ts,
+                    },
+                    weight: 1 + (next() % 3) as u32,
+                    late: params().windowing.is_late(ts, wm),
+                    excluded: vec![format!("i{}", next() % 60).into()],
+                };
+                stage.request(req, kg(&item), &mut out).unwrap();
+            } else if !params().windowing.is_late(ts, wm) {
+                let other = format!("i{}", next() % 60);
+                let w = 1 + next() % 4;
+                stage
+                    .apply(kg(&item), pane, &item, Some(&other), w)
+                    .unwrap();
+            }
+            if step % 50 == 49 {
+                wm = wm.max(t - 2_500);
+                stage.advance(wm, &mut out, &mut stats).unwrap();
+            }
+            for r in &out.recs {
+                lines.push(format!("{:?}", r.rec));
+            }
+            for (end, top) in &out.trending {
+                lines.push(format!("trending {end} {top:?}"));
+            }
+            after_step(stage);
+        }
+        let mut out = ItemOutput::default();
+        stage.advance(WM_MAX, &mut out, &mut stats).unwrap();
+        for (end, top) in &out.trending {
+            lines.push(format!("trending {end} {top:?}"));
+        }
+        let mut stats: Vec<String> = stats.iter().map(|s| format!("{s:?}")).collect();
+        stats.sort();
+        lines.extend(stats);
+        lines
+    }
+
+    /// With a budget far below the state, pane entries go to RocksDB and come back, windows
+    /// with cold panes are emitted from the store, and the stage produces exactly what an
+    /// all-in-memory stage produces: recommendations, trending lists and ItemStats.
+    #[test]
+    fn pane_entries_beyond_the_budget_spill_to_the_store_and_the_output_is_unchanged() {
+        let mut memory = ItemStage::new(params());
+        let want = run(&mut memory, |_| {});
+        assert!(want.iter().any(|l| l.starts_with("ItemStats")));
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateManager::create(dir.path()).unwrap();
+        let budget = 40 * ENTRY_BYTES;
+        let mut tiered = ItemStage::new(params());
+        tiered.set_store(state.spill_store(), budget, 0..8);
+        let mut peak = 0;
+        let got = run(&mut tiered, |s| {
+            s.maintain().unwrap();
+            peak = peak.max(s.hot_bytes());
+        });
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w);
+        }
+        assert!(
+            peak <= budget,
+            "hot tier {peak} B after maintenance, budget {budget} B"
+        );
+        assert!(tiered.evictions > 100, "evictions: {}", tiered.evictions);
+        assert!(tiered.loads > 100, "loads: {}", tiered.loads);
+    }
 
     /// The incrementally kept candidates always equal a fresh ranking of the row, including
     /// ties broken by item id and entries climbing into and out of the top.

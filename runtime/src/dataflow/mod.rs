@@ -16,6 +16,12 @@ use crate::event::Event;
 /// User and item identifiers (inline up to 24 bytes: no allocation for typical ids).
 pub type Key = CompactString;
 
+/// One worker's state budget, shared by its two stages: a stage may use what the other
+/// leaves, and always at least half.
+pub fn share_budget(budget: usize, other_hot: usize) -> usize {
+    budget - other_hot.min(budget / 2)
+}
+
 /// Hash maps on the hot path: Fx hashing (ids are not attacker-chosen hash-flooding input
 /// here, and SipHash was the largest cost per increment). Deterministic across processes.
 pub type FastMap<K, V> = rustc_hash::FxHashMap<K, V>;

@@ -53,6 +53,20 @@ pub struct LateEvent {
     pub watermark: i64,
 }
 
+/// Where an item stage puts ItemStats as it builds them, one record at a time: the engines
+/// serialise them into their sinks in bounded chunks, so emitting a window never holds all
+/// of its records.
+pub trait StatsOut {
+    fn item_stats(&mut self, stats: ItemStats);
+}
+
+/// Collect them (tests, benchmarks and small tools).
+impl StatsOut for Vec<ItemStats> {
+    fn item_stats(&mut self, stats: ItemStats) {
+        self.push(stats);
+    }
+}
+
 /// Sort key of ranked lists: weight descending, then id ascending (byte order).
 pub fn rank_order(a: &(u64, &Key), b: &(u64, &Key)) -> std::cmp::Ordering {
     b.0.cmp(&a.0)
@@ -78,7 +92,9 @@ pub fn top_n_by<T: Copy>(
         return Vec::new();
     }
     let better = |a: &(u64, T), b: &(u64, T)| a.0 > b.0 || (a.0 == b.0 && id_before(&a.1, &b.1));
-    let mut best: Vec<(u64, T)> = Vec::with_capacity(n);
+    // Rows are mostly far shorter than n, and some results are kept (cached candidates).
+    let fits = entries.size_hint().1.unwrap_or(n);
+    let mut best: Vec<(u64, T)> = Vec::with_capacity(n.min(fits));
     let lowest = |best: &[(u64, T)]| {
         let mut worst = 0;
         for i in 1..best.len() {

@@ -35,10 +35,13 @@ struct History {
     used: u32,
 }
 
-/// Approximate heap bytes of one history in the hot tier: its map slot, key and entries.
-fn history_bytes(entries: usize) -> usize {
-    const SLOT: usize = std::mem::size_of::<(Key, History)>() + 8;
-    SLOT + entries * std::mem::size_of::<HistEntry>()
+/// Bytes of one slot of the hot tier's table: key and history header (item and user ids up
+/// to 24 bytes are inline), plus the hash table's control byte.
+const SLOT_BYTES: usize = std::mem::size_of::<(Key, History)>() + 1;
+
+/// Heap bytes of a history's entries: what is allocated, not what is used.
+fn entry_bytes(entries: &VecDeque<HistEntry>) -> usize {
+    entries.capacity() * std::mem::size_of::<HistEntry>()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,8 +66,9 @@ pub struct UserStage {
     dirty: Vec<Key>,
     store: Option<Arc<dyn SpillStore>>,
     budget: usize,
-    /// Approximate bytes of the hot tier (see `history_bytes`).
-    hot_bytes: usize,
+    /// Heap bytes of the hot tier's entries (see `entry_bytes`; the table is added by
+    /// `hot_bytes()`).
+    entry_bytes: usize,
     round: u32,
     /// Histories read from the store and written back to it, since the start.
     pub loads: u64,
@@ -80,7 +84,7 @@ impl UserStage {
             dirty: Vec::new(),
             store: None,
             budget: usize::MAX,
-            hot_bytes: 0,
+            entry_bytes: 0,
             round: 0,
             loads: 0,
             evictions: 0,
@@ -94,6 +98,13 @@ impl UserStage {
         self.budget = budget;
     }
 
+    /// Change the budget (see `share_budget`).
+    pub fn set_budget(&mut self, budget: usize) {
+        if self.store.is_some() {
+            self.budget = budget;
+        }
+    }
+
     /// Let go of the store (before the database behind it is closed or replaced).
     pub fn detach_store(&mut self) {
         self.store = None;
@@ -105,8 +116,11 @@ impl UserStage {
         self.histories.len()
     }
 
+    /// Bytes of the hot tier: its table as allocated (a hash table keeps one bucket in
+    /// eight free) and every history's entries.
     pub fn hot_bytes(&self) -> usize {
-        self.hot_bytes
+        let buckets = self.histories.capacity() + self.histories.capacity() / 7;
+        buckets * SLOT_BYTES + self.entry_bytes
     }
 
     /// The user's history, from memory or the store, or a new empty one.
@@ -127,7 +141,7 @@ impl UserStage {
                 }
                 None => VecDeque::new(),
             };
-            self.hot_bytes += history_bytes(entries.len());
+            self.entry_bytes += entry_bytes(&entries);
             self.histories.insert(
                 Key::from(user),
                 History {
@@ -147,16 +161,14 @@ impl UserStage {
     fn append(&mut self, user: &str, kg: u32, entry: HistEntry) -> Result<()> {
         let n = self.params.history_length;
         let hist = self.history(user, kg)?;
-        let (grew, newly_dirty) = push(hist, entry, n);
-        self.account(user, grew, newly_dirty);
+        let (grown, newly_dirty) = push(hist, entry, n);
+        self.account(user, grown, newly_dirty);
         Ok(())
     }
 
     /// Book an append: its growth of the hot tier and, once per snapshot, the dirty user.
-    fn account(&mut self, user: &str, grew: bool, newly_dirty: bool) {
-        if grew {
-            self.hot_bytes += std::mem::size_of::<HistEntry>();
-        }
+    fn account(&mut self, user: &str, grown: usize, newly_dirty: bool) {
+        self.entry_bytes += grown;
         if newly_dirty {
             self.dirty.push(Key::from(user));
         }
@@ -185,7 +197,7 @@ impl UserStage {
                 x.add(h.item_kg, pane, &h.item, &e.item_id, w);
             }
         }
-        let (grew, newly_dirty) = push(
+        let (grown, newly_dirty) = push(
             hist,
             HistEntry {
                 item: e.item_id.clone(),
@@ -207,7 +219,7 @@ impl UserStage {
                 }
             }
         }
-        self.account(&e.user_id, grew, newly_dirty);
+        self.account(&e.user_id, grown, newly_dirty);
         x.request(
             item_kg,
             RecRequest {
@@ -241,11 +253,11 @@ impl UserStage {
             let keep = h.entries.iter().any(|e| e.ts >= bound);
             if !keep {
                 deleted.push((h.kg, user.clone()));
-                freed += history_bytes(h.entries.len());
+                freed += entry_bytes(&h.entries);
             }
             keep
         });
-        self.hot_bytes -= freed;
+        self.entry_bytes -= freed;
     }
 
     /// Between batches: when the hot tier is over budget, move its least recently used
@@ -255,26 +267,25 @@ impl UserStage {
         let Some(store) = &self.store else {
             return Ok(());
         };
-        if self.hot_bytes <= self.budget {
+        let total = self.hot_bytes();
+        if total <= self.budget {
             return Ok(());
         }
         let target = self.budget / 5 * 4;
+        // What leaving frees: the entries, and the history's share of a table shrunk to fit
+        // (counted twice: a shrunk table still rounds up to a power of two).
+        let leaving = |h: &History| entry_bytes(&h.entries) + 2 * SLOT_BYTES;
         let mut by_age: Vec<(u32, usize)> = self
             .histories
             .values()
-            .map(|h| {
-                (
-                    self.round.wrapping_sub(h.used),
-                    history_bytes(h.entries.len()),
-                )
-            })
+            .map(|h| (self.round.wrapping_sub(h.used), leaving(h)))
             .collect();
         // Oldest first; evict whole rounds until the hot tier is back under the target.
         by_age.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
         let mut freed = 0;
         let mut cutoff = u32::MAX;
         for (age, bytes) in by_age {
-            if self.hot_bytes - freed <= target || age == 0 {
+            if total.saturating_sub(freed) <= target || age == 0 {
                 break;
             }
             freed += bytes;
@@ -298,11 +309,13 @@ impl UserStage {
                 ));
             }
             evicted += 1;
-            freed += history_bytes(h.entries.len());
+            freed += entry_bytes(&h.entries);
             false
         });
         store.write(ops)?;
-        self.hot_bytes -= freed;
+        self.entry_bytes -= freed;
+        // A hash table never gives memory back by itself.
+        self.histories.shrink_to_fit();
         self.evictions += evicted;
         Ok(())
     }
@@ -333,17 +346,29 @@ impl UserStage {
     }
 }
 
-/// Append `entry`, dropping the oldest beyond `n`; returns (whether the history grew,
-/// whether it just became dirty).
-fn push(hist: &mut History, entry: HistEntry, n: usize) -> (bool, bool) {
-    let before = hist.entries.len();
-    hist.entries.push_back(entry);
-    while hist.entries.len() > n {
-        hist.entries.pop_front();
+/// Append `entry`, dropping the oldest beyond `n`; returns (bytes the entries grew by,
+/// whether the history just became dirty).
+fn push(hist: &mut History, entry: HistEntry, n: usize) -> (usize, bool) {
+    let entries = &mut hist.entries;
+    let before = entries.capacity();
+    while !entries.is_empty() && entries.len() >= n {
+        entries.pop_front();
+    }
+    if n > 0 {
+        if entries.len() == entries.capacity() {
+            // Grow by doubling but never past N: most users have one or two entries, and a
+            // full history holds exactly N.
+            let cap = (entries.capacity() * 2).clamp(1, n);
+            entries.reserve_exact(cap - entries.len());
+        }
+        entries.push_back(entry);
     }
     let newly_dirty = !hist.dirty;
     hist.dirty = true;
-    (hist.entries.len() > before, newly_dirty)
+    (
+        (entries.capacity() - before) * std::mem::size_of::<HistEntry>(),
+        newly_dirty,
+    )
 }
 
 fn encode_history(entries: &VecDeque<HistEntry>) -> Vec<u8> {
@@ -454,7 +479,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let state = StateManager::create(dir.path()).unwrap();
-        let budget = 4 * history_bytes(20);
+        let budget = 4 * (SLOT_BYTES + 20 * std::mem::size_of::<HistEntry>());
         let mut tiered = UserStage::new(params());
         tiered.set_store(state.spill_store(), budget);
         let mut peak = 0;

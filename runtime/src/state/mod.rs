@@ -29,12 +29,17 @@ pub struct StateDescriptor {
     pub tag: u8,
 }
 
+/// A visitor of keys and values in key order.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
 /// Keyed state beyond memory, as the dataflow's stages see it: point reads and batched
 /// writes of encoded values. RocksDB serves it ([`StateManager::spill_store`]); the stages
 /// never see more of the database than this.
 pub trait SpillStore: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     fn write(&self, ops: Vec<StateOp>) -> Result<()>;
+    /// Visit the keys in `[from, to)` in key order.
+    fn scan(&self, from: &[u8], to: &[u8], f: &mut Visit<'_>) -> Result<()>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -298,18 +303,36 @@ impl SpillStore for Spill {
     fn write(&self, ops: Vec<StateOp>) -> Result<()> {
         apply_ops(&self.0, ops)
     }
+
+    fn scan(&self, from: &[u8], to: &[u8], f: &mut Visit<'_>) -> Result<()> {
+        let mode = IteratorMode::From(from, rocksdb::Direction::Forward);
+        for item in self.0.iterator(mode) {
+            let (k, v) = item?;
+            if &*k >= to {
+                break;
+            }
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
 }
 
 fn apply_ops(db: &DB, ops: Vec<StateOp>) -> Result<()> {
     if ops.is_empty() {
         return Ok(());
     }
+    // Written in bounded batches: nothing reads the database between them (a checkpoint is
+    // cut after all of them), and a single batch would copy every op once more in memory.
+    const BATCH_BYTES: usize = 8 << 20;
     let mut batch = WriteBatch::default();
     for op in ops {
         match op {
             StateOp::Put(k, v) => batch.put(k, v),
             StateOp::Delete(k) => batch.delete(k),
             StateOp::DeleteRange(from, to) => batch.delete_range(from, to),
+        }
+        if batch.size_in_bytes() >= BATCH_BYTES {
+            write_batch(db, std::mem::take(&mut batch))?;
         }
     }
     write_batch(db, batch)

@@ -104,6 +104,13 @@ enum Command {
         /// Skew of users and items (Zipf exponent; 0 is uniform).
         #[arg(long, default_value_t = 1.1)]
         zipf_exponent: f64,
+        /// Events per second of event time in each of the 2 input partitions (more: more
+        /// events per window and per session).
+        #[arg(long, default_value_t = bench::BenchOptions::default().events_per_second)]
+        event_time_rate: u64,
+        /// Do not build or write ItemStats (windows are still emitted: trending lists).
+        #[arg(long)]
+        no_item_stats: bool,
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
@@ -224,6 +231,8 @@ fn main() -> anyhow::Result<()> {
             max_batch_size,
             state_memory,
             zipf_exponent,
+            event_time_rate,
+            no_item_stats,
             workdir,
         } => {
             let opts = bench::BenchOptions {
@@ -234,12 +243,14 @@ fn main() -> anyhow::Result<()> {
                 max_batch_size,
                 state_memory,
                 zipf_exponent,
-                ..bench::BenchOptions::default()
+                events_per_second: event_time_rate,
+                item_stats: !no_item_stats,
             };
             let tmp = tempfile::tempdir()?;
             let dir = workdir.unwrap_or_else(|| tmp.path().to_path_buf());
             println!(
-                "riffle bench: {events} events, {users} users, {items} items (Zipf {zipf_exponent}), history 20, W 10m, S 1m, checkpoints every 10s, parallelism {parallelism}"
+                "riffle bench: {events} events, {users} users, {items} items (Zipf {zipf_exponent}), {} events per event-time second, history 20, W 10m, S 1m, checkpoints every 10s, parallelism {parallelism}",
+                2 * event_time_rate
             );
             let report = bench::run(&opts, &dir)?;
             println!("{report}");

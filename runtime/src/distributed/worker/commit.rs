@@ -6,8 +6,14 @@ use super::*;
 impl Worker {
     pub(super) fn commit(&mut self) -> Result<()> {
         let started = Instant::now();
-        // Between two commits: bring the hot tier of histories back within its budget.
+        // Between two commits: bring the hot tiers back within the budget they share.
+        let budget = self.state_budget();
+        self.user
+            .set_budget(share_budget(budget, self.item.hot_bytes()));
         self.user.maintain()?;
+        self.item
+            .set_budget(share_budget(budget, self.user.hot_bytes()));
+        self.item.maintain()?;
         self.send_marker_if_changed();
         let sender = Sender {
             gen: self.opts.generation,

@@ -41,10 +41,10 @@ use super::wire::{self, Barrier, Entry, Forwarded, Marker, Origin, Sender};
 use crate::config::{JobConfig, SourceConfig, StartOffsets};
 use crate::dataflow::exchange::Routing;
 use crate::dataflow::item::{EmittedThrough, ItemOutput, ItemParams, ItemStage, PANES};
-use crate::dataflow::output::LateEvent;
+use crate::dataflow::output::{ItemStats, LateEvent, StatsOut};
 use crate::dataflow::user::{HistEntry, UserParams, UserStage};
 use crate::dataflow::window::{Windowing, WM_MIN};
-use crate::dataflow::{FastMap, Key, Stamped};
+use crate::dataflow::{share_budget, FastMap, Key, Stamped};
 use crate::event::{self, Event, EventType, Validation};
 use crate::keygroup;
 use crate::metrics::{Metrics, PartitionStatus, WorkerInfo};
@@ -526,11 +526,22 @@ impl Worker {
         self.state.as_mut().expect("the restore opens the state")
     }
 
-    /// Back the user stage with the (newly opened) state database.
-    fn attach_user_store(&mut self) {
+    /// Back both stages with the (newly opened) state database; they share the budget.
+    fn attach_stores(&mut self) {
         let store = self.state().spill_store();
-        let budget = usize::try_from(self.cfg.state_memory.0).unwrap_or(usize::MAX);
-        self.user.set_store(store, budget);
+        let budget = self.state_budget();
+        self.user.set_store(store.clone(), budget);
+        self.item.set_store(store, budget, self.range.clone());
+    }
+
+    fn state_budget(&self) -> usize {
+        usize::try_from(self.cfg.state_memory.0).unwrap_or(usize::MAX)
+    }
+
+    /// Let go of the database (before it is closed or replaced).
+    fn detach_stores(&mut self) {
+        self.user.detach_store();
+        self.item.detach_store();
     }
 
     fn uploader(&self) -> &Uploader {
@@ -786,12 +797,12 @@ impl Worker {
             Delivery::Item(kg, Entry::Increments(p)) => {
                 for (item, others) in &p.rows {
                     for (other, w) in others {
-                        self.item.apply(kg, p.pane, item, Some(other), *w);
+                        self.item.apply(kg, p.pane, item, Some(other), *w)?;
                     }
                 }
             }
             Delivery::Item(kg, Entry::Request(r)) => {
-                self.item.request(*r, kg, &mut self.out);
+                self.item.request(*r, kg, &mut self.out)?;
                 if !replay {
                     self.emit_outputs()?;
                 } else {
@@ -802,10 +813,19 @@ impl Worker {
                 return Err(Error::CorruptState(format!("not an item entry: {other:?}")))
             }
             Delivery::Advance(wm) => {
-                self.item.advance(wm, &mut self.out);
+                // Replays discard outputs: what they emitted is in the committed topics.
+                let topic = self.sink.item_stats.as_deref().filter(|_| !replay);
+                let mut stats = ProducedStats::new(&self.producer, topic);
+                let advanced = self.item.advance(wm, &mut self.out, &mut stats);
+                let produced = stats.finish()?;
+                advanced?;
                 if replay {
                     self.out = ItemOutput::default();
                 } else {
+                    if produced > 0 {
+                        self.dirty = true; // they wait in the open transaction
+                        self.metrics.item_stats_out.fetch_add(produced, Relaxed);
+                    }
                     self.note_through(wm);
                     self.emit_outputs()?;
                 }
@@ -863,16 +883,6 @@ impl Worker {
                     .payload(value.as_slice()),
             )?;
         }
-        if let Some(topic) = self.sink.item_stats.clone() {
-            for s in &out.stats {
-                let value = serde_json::to_vec(s)?;
-                self.produce(
-                    BaseRecord::to(&topic)
-                        .key(s.item_id.as_bytes())
-                        .payload(value.as_slice()),
-                )?;
-            }
-        }
         if !out.trending.is_empty() {
             let through = self.last_through;
             let c = self.contribution.get_or_insert_with(|| Contribution {
@@ -883,36 +893,22 @@ impl Worker {
             });
             c.windows.append(&mut out.trending);
         }
-        if !out.recs.is_empty() || !out.stats.is_empty() || self.contribution.is_some() {
+        if !out.recs.is_empty() || self.contribution.is_some() {
             self.dirty = true; // outputs wait in the open transaction for the next commit
         }
         let m = &self.metrics;
         m.recommendations_out
             .fetch_add(out.recs.len() as u64, Relaxed);
-        m.item_stats_out.fetch_add(out.stats.len() as u64, Relaxed);
         m.windows_emitted.fetch_add(out.windows_emitted, Relaxed);
         out.recs.clear();
-        out.stats.clear();
         out.windows_emitted = 0;
         self.out = out;
         Ok(())
     }
 
     /// Produce a record into the open transaction, waiting while the queue is full.
-    fn produce(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((e, r)) => match kafka::classify(&e) {
-                    kafka::Failure::Retriable(_) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    kafka::Failure::Abortable(m) => return Err(Error::Rewind(m)),
-                    kafka::Failure::Fatal(m) => return Err(Error::Kafka(m)),
-                },
-            }
-        }
+    fn produce(&self, record: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
+        produce(&self.producer, record)
     }
 
     // ------------------------------------------------------------------ watermarks
@@ -1090,6 +1086,75 @@ pub fn run(
                 metrics.ready.store(false, Relaxed);
             }
             other => return other,
+        }
+    }
+}
+
+/// Produce a record into the open transaction, waiting while the queue is full.
+fn produce(producer: &TxnProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((e, r)) => match kafka::classify(&e) {
+                kafka::Failure::Retriable(_) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                kafka::Failure::Abortable(m) => return Err(Error::Rewind(m)),
+                kafka::Failure::Fatal(m) => return Err(Error::Kafka(m)),
+            },
+        }
+    }
+}
+
+/// ItemStats produced into the open transaction as the item stage emits them, so a window
+/// is never held whole (without a topic they are dropped: replays, and jobs without the
+/// stream).
+struct ProducedStats<'a> {
+    producer: &'a TxnProducer,
+    topic: Option<&'a str>,
+    records: u64,
+    error: Option<Error>,
+}
+
+impl<'a> ProducedStats<'a> {
+    fn new(producer: &'a TxnProducer, topic: Option<&'a str>) -> Self {
+        Self {
+            producer,
+            topic,
+            records: 0,
+            error: None,
+        }
+    }
+
+    /// The number of records produced, or the first error.
+    fn finish(self) -> Result<u64> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.records),
+        }
+    }
+}
+
+impl StatsOut for ProducedStats<'_> {
+    fn item_stats(&mut self, stats: ItemStats) {
+        let Some(topic) = self.topic else { return };
+        if self.error.is_some() {
+            return;
+        }
+        let produced = serde_json::to_vec(&stats)
+            .map_err(Error::from)
+            .and_then(|v| {
+                produce(
+                    self.producer,
+                    BaseRecord::to(topic)
+                        .key(stats.item_id.as_bytes())
+                        .payload(v.as_slice()),
+                )
+            });
+        match produced {
+            Ok(()) => self.records += 1,
+            Err(e) => self.error = Some(e),
         }
     }
 }

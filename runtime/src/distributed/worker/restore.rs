@@ -43,9 +43,9 @@ impl Worker {
         let mut through = FastMap::default();
         match mode {
             StartMode::Fresh => {
-                self.user.detach_store();
+                self.detach_stores();
                 self.state = Some(StateManager::create(&self.state_dir)?);
-                self.attach_user_store();
+                self.attach_stores();
                 for kg in &kgs {
                     let (_, hi, xlo) = ends[kg];
                     inboxes.insert(*kg, Inbox::new(PartitionTable::new(gen, workers), WM_MIN));
@@ -247,8 +247,8 @@ impl Worker {
         known: &mut HashMap<String, String>,
     ) -> Result<BTreeMap<u32, Inbox>> {
         let state_dir = self.state_dir.clone();
-        // Close a database opened by an earlier attempt (the user stage holds it too).
-        self.user.detach_store();
+        // Close a database opened by an earlier attempt (the stages hold it too).
+        self.detach_stores();
         self.state = None;
         let parts: Vec<(&String, &Vec<u32>)> = by_part
             .iter()
@@ -312,7 +312,7 @@ impl Worker {
                 Ok(())
             })?;
         }
-        self.attach_user_store();
+        self.attach_stores();
         Ok(inboxes)
     }
 
