@@ -1047,20 +1047,14 @@ impl ItemStage {
         let sums: usize = self.win.values().map(sum_bytes).sum();
         if total - sums <= target {
             // Window sums alone: oldest requests first, until under the target.
-            let mut by_age: Vec<(u32, usize)> = self
+            let by_age: Vec<(u32, usize)> = self
                 .win
                 .values()
                 .map(|a| (self.round.wrapping_sub(a.used), sum_bytes(a)))
                 .collect();
-            by_age.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
-            let (mut freed, mut cutoff) = (0, u32::MAX);
-            for (age, bytes) in by_age {
-                if total - freed <= target {
-                    break;
-                }
-                freed += bytes;
-                cutoff = age;
-            }
+            let Some(cutoff) = super::eviction_cutoff(by_age, total, target) else {
+                return Ok(());
+            };
             let round = self.round;
             let win_pairs = &mut self.win_pairs;
             self.win.retain(|_, a| {

@@ -16,6 +16,23 @@ use crate::event::Event;
 /// User and item identifiers (inline up to 24 bytes: no allocation for typical ids).
 pub type Key = CompactString;
 
+/// Least recently used eviction by whole maintenance rounds. Given every hot entry's (age in
+/// rounds, bytes), returns the age from which on entries leave so that `total` falls to
+/// `target`, oldest first; `None` when nothing leaves. Entries used in the current round
+/// (age 0) never leave.
+pub fn eviction_cutoff(mut by_age: Vec<(u32, usize)>, total: usize, target: usize) -> Option<u32> {
+    by_age.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
+    let (mut freed, mut cutoff) = (0, None);
+    for (age, bytes) in by_age {
+        if total.saturating_sub(freed) <= target || age == 0 {
+            break;
+        }
+        freed += bytes;
+        cutoff = Some(age);
+    }
+    cutoff
+}
+
 /// One worker's state budget, shared by its two stages: a stage may use what the other
 /// leaves, and always at least half.
 pub fn share_budget(budget: usize, other_hot: usize) -> usize {

@@ -275,25 +275,14 @@ impl UserStage {
         // What leaving frees: the entries, and the history's share of a table shrunk to fit
         // (counted twice: a shrunk table still rounds up to a power of two).
         let leaving = |h: &History| entry_bytes(&h.entries) + 2 * SLOT_BYTES;
-        let mut by_age: Vec<(u32, usize)> = self
+        let by_age: Vec<(u32, usize)> = self
             .histories
             .values()
             .map(|h| (self.round.wrapping_sub(h.used), leaving(h)))
             .collect();
-        // Oldest first; evict whole rounds until the hot tier is back under the target.
-        by_age.sort_unstable_by_key(|(age, _)| std::cmp::Reverse(*age));
-        let mut freed = 0;
-        let mut cutoff = u32::MAX;
-        for (age, bytes) in by_age {
-            if total.saturating_sub(freed) <= target || age == 0 {
-                break;
-            }
-            freed += bytes;
-            cutoff = age;
-        }
-        if cutoff == u32::MAX {
+        let Some(cutoff) = super::eviction_cutoff(by_age, total, target) else {
             return Ok(());
-        }
+        };
         let round = self.round;
         let mut ops = Vec::new();
         let mut evicted = 0u64;
