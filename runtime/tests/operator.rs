@@ -367,7 +367,10 @@ fn condition_reason(sj: &StreamJob, type_: &str) -> Option<String> {
 }
 
 /// Watches the job's pods for the whole test and remembers the most generations that ever
-/// had pods at the same time (terminating pods count until they are gone).
+/// had pods whose containers may run at the same time. A terminating pod counts until it is
+/// gone or reports a terminal phase: Succeeded/Failed means every container has exited (the
+/// kubelet, and the test bed's agent, publish it only after the last process is reaped), and
+/// the operator may start the next generation from then on.
 struct OverlapWatch {
     max: Arc<AtomicUsize>,
     seen: Arc<Mutex<BTreeSet<String>>>,
@@ -386,7 +389,9 @@ impl OverlapWatch {
             let stream =
                 watcher(pods, watcher::Config::default().labels(&labels)).default_backoff();
             let mut stream = std::pin::pin!(stream);
-            while let Some(Ok(event)) = stream.next().await {
+            while let Some(event) = stream.next().await {
+                // The watcher retries with backoff; an error ends nothing.
+                let Ok(event) = event else { continue };
                 match event {
                     watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
                         let g = p
@@ -395,7 +400,15 @@ impl OverlapWatch {
                             .cloned()
                             .unwrap_or_default();
                         s.lock().unwrap().insert(g.clone());
-                        live.insert(p.name_any(), g);
+                        let ended = matches!(
+                            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                            Some("Succeeded" | "Failed")
+                        );
+                        if ended {
+                            live.remove(&p.name_any());
+                        } else {
+                            live.insert(p.name_any(), g);
+                        }
                     }
                     watcher::Event::Delete(p) => {
                         live.remove(&p.name_any());
