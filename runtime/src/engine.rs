@@ -572,16 +572,16 @@ impl Engine {
         let started = Instant::now();
         let id = self.next_id;
         let wm = self.tracker.current();
-        let mut ops = Vec::new();
+        let mut out = self.state.writer();
         let (mut users, mut panes) = (0u64, 0u64);
         for w in &mut self.workers {
             w.user.expire(wm);
-            w.user.snapshot(&mut ops);
-            w.item.snapshot(w.range.clone(), &mut ops);
+            w.user.snapshot(&mut out)?;
+            w.item.snapshot(w.range.clone(), &mut out)?;
             users += w.user.users() as u64;
             panes += w.item.pane_entries() as u64;
         }
-        self.state.apply(ops)?;
+        out.finish()?;
         self.sink.pre_commit(id)?;
         // From here on the sink has closed epoch `id`: if this checkpoint fails, its id is
         // used up (the next one publishes the closed epoch with its own), never reused for

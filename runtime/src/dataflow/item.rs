@@ -18,8 +18,8 @@ use std::sync::Arc;
 use super::exchange::{Increment, Message, Payload, RecRequest};
 use super::output::{top_n_by, ItemStats, LateEvent, Neighbor, Recommendation, Scored, StatsOut};
 use super::window::{Windowing, WM_MAX, WM_MIN};
-use super::{BatchFrame, FastMap, Key};
-use crate::state::{codec, SpillStore, StateDescriptor, StateOp};
+use super::{heap, BatchFrame, FastMap, Key};
+use crate::state::{codec, BatchWriter, SpillStore, StateDescriptor, StateOp, StateWriter};
 use crate::Result;
 
 /// The item stage's only state: per (pane, item) popularity and co-visitation row.
@@ -30,12 +30,6 @@ pub const PANES: StateDescriptor = StateDescriptor {
 
 /// Windows ahead of the running one whose sums are kept (see `ItemStage::ahead`).
 const MAX_AHEAD_WINDOWS: usize = 4;
-
-/// Approximate hot-tier bytes of a pane entry, a window sum, and one pair of a row: the
-/// table slot plus a hash table's slack (load factor and power-of-two growth).
-const ENTRY_BYTES: usize = 2 * (std::mem::size_of::<(Id, PaneEntry)>() + 1);
-const WIN_BYTES: usize = 2 * (std::mem::size_of::<(Id, WinAgg)>() + 1);
-const PAIR_BYTES: usize = 2 * (std::mem::size_of::<(Id, u64)>() + 1);
 
 /// A dense item number, local to one stage (see [`Dict`]).
 type Id = u32;
@@ -50,6 +44,8 @@ type Row = FastMap<Id, u64>;
 struct Dict {
     ids: FastMap<Key, Id>,
     keys: Vec<Key>,
+    /// Heap bytes of keys too long to be inline (each is held twice).
+    spilled: usize,
 }
 
 impl Dict {
@@ -59,9 +55,18 @@ impl Dict {
         }
         let id = self.keys.len() as Id;
         let key = Key::from(key);
+        if key.is_heap_allocated() {
+            self.spilled += 2 * key.capacity();
+        }
         self.keys.push(key.clone());
         self.ids.insert(key, id);
         id
+    }
+
+    fn heap_bytes(&self) -> usize {
+        heap::table::<(Key, Id)>(self.ids.capacity())
+            + heap::vec::<Key>(self.keys.capacity())
+            + self.spilled
     }
 
     fn get(&self, key: &str) -> Option<Id> {
@@ -89,12 +94,52 @@ impl Dict {
     }
 }
 
+/// Old ids to those of a rebuilt dictionary (see `ItemStage::compact_dict`).
+struct Renumber {
+    old: Dict,
+    /// Old id → new id; `Id::MAX`: not (yet) in the new dictionary.
+    new_ids: Vec<Id>,
+    dict: Dict,
+}
+
+impl Renumber {
+    fn id(&mut self, id: Id) -> Id {
+        let slot = &mut self.new_ids[id as usize];
+        if *slot == Id::MAX {
+            *slot = self.dict.intern(self.old.key(id));
+        }
+        *slot
+    }
+
+    fn row(&mut self, row: &mut Row) {
+        *row = row.drain().map(|(k, w)| (self.id(k), w)).collect();
+    }
+
+    fn sums(&mut self, sums: &mut FastMap<Id, WinAgg>) {
+        *sums = std::mem::take(sums)
+            .into_iter()
+            .map(|(id, mut a)| {
+                self.row(&mut a.row);
+                for (_, k) in &mut a.top {
+                    *k = self.id(*k);
+                }
+                (self.id(id), a)
+            })
+            .collect();
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct PaneEntry {
     pop: u64,
     row: Row,
     kg: u32,
     dirty: bool,
+}
+
+/// Heap bytes of a row.
+fn row_bytes(row: &Row) -> usize {
+    heap::table::<(Id, u64)>(row.capacity())
 }
 
 /// One item's sum over the panes of the running window, with its top candidates.
@@ -115,6 +160,11 @@ struct WinAgg {
 }
 
 impl WinAgg {
+    /// Heap bytes of the row and the cached candidates.
+    fn heap_bytes(&self) -> usize {
+        row_bytes(&self.row) + heap::vec::<(u64, Id)>(self.top.capacity())
+    }
+
     fn add_pane(&mut self, e: &PaneEntry) {
         self.pop += e.pop;
         for (k, w) in &e.row {
@@ -261,13 +311,17 @@ pub struct ItemStage {
     /// `win` holds every item of the running window; otherwise it is a cache of some of
     /// them, and a missing item is summed from its panes.
     win_complete: bool,
-    /// Hot-tier sizes for the budget: pane entries, pairs of their rows, pairs of the sums.
-    pane_count: usize,
-    pane_pairs: usize,
-    win_pairs: usize,
+    /// Heap bytes of the pane entries' rows and of the running window's sums (rows and
+    /// candidates); the tables themselves are measured when needed (`hot_bytes`).
+    row_heap: usize,
+    win_heap: usize,
     /// Pane entries read back from the store, and entries moved to it, since the start.
     pub loads: u64,
     pub evictions: u64,
+    /// Times the dictionary was rebuilt from the ids in memory (see `compact_dict`).
+    pub dict_rebuilds: u64,
+    /// Items in the dictionary after its last rebuild.
+    dict_live: usize,
     /// Maintenance rounds so far (the clock of `WinAgg::used`).
     round: u32,
 }
@@ -338,11 +392,12 @@ impl ItemStage {
             tier: None,
             cold_panes: BTreeSet::new(),
             win_complete: true,
-            pane_count: 0,
-            pane_pairs: 0,
-            win_pairs: 0,
+            row_heap: 0,
+            win_heap: 0,
             loads: 0,
             evictions: 0,
+            dict_rebuilds: 0,
+            dict_live: 0,
             round: 0,
         }
     }
@@ -371,12 +426,29 @@ impl ItemStage {
         self.tier = None;
     }
 
-    /// Approximate bytes of the hot tier (see `ENTRY_BYTES`).
+    /// Heap bytes of the hot tier as allocated (see [`heap`]): pane entries, window sums
+    /// (running and ahead), the item dictionary and the list of dirty entries.
     pub fn hot_bytes(&self) -> usize {
-        self.pane_count * ENTRY_BYTES
-            + self.pane_pairs * PAIR_BYTES
-            + self.win.len() * WIN_BYTES
-            + self.win_pairs * (PAIR_BYTES + std::mem::size_of::<(u64, Id)>())
+        let panes: usize = self
+            .panes
+            .values()
+            .map(|m| heap::table::<(Id, PaneEntry)>(m.capacity()))
+            .sum();
+        let ahead: usize = self
+            .ahead
+            .values()
+            .map(|m| {
+                heap::table::<(Id, WinAgg)>(m.capacity())
+                    + m.values().map(WinAgg::heap_bytes).sum::<usize>()
+            })
+            .sum();
+        panes
+            + self.row_heap
+            + heap::table::<(Id, WinAgg)>(self.win.capacity())
+            + self.win_heap
+            + ahead
+            + self.dict.heap_bytes()
+            + heap::vec::<(i64, Id)>(self.dirty.capacity())
     }
 
     /// The watermark the stage has advanced to.
@@ -445,8 +517,7 @@ impl ItemStage {
         };
         if let Some(v) = tier.store.get(&pane_key(kg, pane, self.dict.key(item)))? {
             let e = load_entry(&v, kg, &mut self.dict)?;
-            self.pane_count += 1;
-            self.pane_pairs += e.row.len();
+            self.row_heap += row_bytes(&e.row);
             self.loads += 1;
             self.panes.entry(pane).or_default().insert(item, e);
         }
@@ -464,13 +535,7 @@ impl ItemStage {
         self.warm(kg, pane, item)?;
         let in_win = self.in_window(self.next_end, pane);
         let entries = self.panes.entry(pane).or_default();
-        let entry = match entries.entry(item) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                self.pane_count += 1;
-                v.insert(PaneEntry::default())
-            }
-        };
+        let entry = entries.entry(item).or_default();
         entry.kg = kg;
         if !entry.dirty {
             entry.dirty = true;
@@ -478,11 +543,9 @@ impl ItemStage {
         }
         match other {
             Some(o) => {
-                let v = entry.row.entry(o).or_insert(0);
-                if *v == 0 {
-                    self.pane_pairs += 1;
-                }
-                *v += weight;
+                let before = row_bytes(&entry.row);
+                *entry.row.entry(o).or_insert(0) += weight;
+                self.row_heap += row_bytes(&entry.row) - before;
             }
             None => entry.pop += weight,
         }
@@ -498,9 +561,9 @@ impl ItemStage {
             if let Some(agg) = agg {
                 match other {
                     Some(o) => {
-                        if agg.add(o, weight, cap, &self.dict) {
-                            self.win_pairs += 1;
-                        }
+                        let before = agg.heap_bytes();
+                        agg.add(o, weight, cap, &self.dict);
+                        self.win_heap += agg.heap_bytes() - before;
                     }
                     None => agg.pop += weight,
                 }
@@ -674,12 +737,14 @@ impl ItemStage {
                 if agg.pop == 0 && agg.row.is_empty() {
                     return Ok(Vec::new());
                 }
-                self.win_pairs += agg.row.len();
+                self.win_heap += agg.heap_bytes();
                 self.win.insert(item, agg);
             }
             let agg = self.win.get_mut(&item).expect("present or inserted above");
             agg.used = self.round;
+            let before = agg.heap_bytes();
             agg.ensure_top(cap, &self.dict);
+            self.win_heap = self.win_heap + agg.heap_bytes() - before;
             (agg.pop, agg.top.iter().map(|(w, id)| (*id, *w)).collect())
         } else if self.next_end.is_none_or(|n| end > n) && !w.emitted(end, wm) {
             // A window after the running one: every pane of it is live (its first pane's last
@@ -798,8 +863,7 @@ impl ItemStage {
         }
         for p in dead {
             if let Some(entries) = self.panes.remove(&p) {
-                self.pane_count -= entries.len();
-                self.pane_pairs -= entries.values().map(|e| e.row.len()).sum::<usize>();
+                self.row_heap -= entries.values().map(|e| row_bytes(&e.row)).sum::<usize>();
             }
             self.cold_panes.remove(&p);
         }
@@ -815,7 +879,7 @@ impl ItemStage {
         let w = self.params.windowing;
         self.next_end = Some(end);
         self.win.clear();
-        self.win_pairs = 0;
+        self.win_heap = 0;
         self.prune_ahead();
         let first = w.pane(end) - w.panes_per_window();
         // With cold panes in the window its sums are only a cache, filled per request.
@@ -826,9 +890,9 @@ impl ItemStage {
         for entries in self.panes.range(first..w.pane(end)).map(|(_, e)| e) {
             for (item, e) in entries {
                 let agg = self.win.entry(*item).or_default();
-                let before = agg.row.len();
+                let before = agg.heap_bytes();
                 agg.add_pane(e);
-                self.win_pairs += agg.row.len() - before;
+                self.win_heap += agg.heap_bytes() - before;
             }
         }
     }
@@ -846,10 +910,8 @@ impl ItemStage {
         if let Some(entries) = self.panes.get(&leaving) {
             for (item, e) in entries {
                 if let Some(a) = self.win.get_mut(item) {
-                    let before = a.row.len();
-                    let empty = a.sub_pane(e);
-                    self.win_pairs -= before - a.row.len();
-                    if empty {
+                    if a.sub_pane(e) {
+                        self.win_heap -= a.heap_bytes();
                         self.win.remove(item);
                     }
                 }
@@ -858,9 +920,9 @@ impl ItemStage {
         if let Some(entries) = self.panes.get(&w.pane(end)) {
             for (item, e) in entries {
                 let agg = self.win.entry(*item).or_default();
-                let before = agg.row.len();
+                let before = agg.heap_bytes();
                 agg.add_pane(e);
-                self.win_pairs += agg.row.len() - before;
+                self.win_heap += agg.heap_bytes() - before;
             }
         }
         self.next_end = Some(next);
@@ -950,18 +1012,18 @@ impl ItemStage {
             .as_ref()
             .expect("only a stage with a store has cold panes");
         let (first, last) = (w.pane(end) - w.panes_per_window(), w.pane(end) - 1);
-        let mut ops = Vec::new();
+        let mut writer = BatchWriter::new(tier.store.clone());
         for (pane, entries) in self.panes.range_mut(first..=last) {
             for (id, e) in entries.iter_mut().filter(|(_, e)| e.dirty) {
-                ops.push(StateOp::Put(
+                writer.push(StateOp::Put(
                     pane_key(e.kg, *pane, self.dict.key(*id)),
                     encode_entry(e, &self.dict),
-                ));
+                ))?;
                 // Still listed in `dirty`: the next snapshot writes it once more, harmlessly.
                 e.dirty = false;
             }
         }
-        tier.store.write(ops)?;
+        writer.finish()?;
         let skip = &self.emitted_through;
         let mut any = false;
         let mut trending: Vec<(Key, u64)> = Vec::new();
@@ -1037,14 +1099,26 @@ impl ItemStage {
         let Some(tier) = &self.tier else {
             return Ok(());
         };
+        if self.hot_bytes() <= tier.budget {
+            return Ok(());
+        }
+        // Items whose entries all left memory (evicted, expired) still have ids: rebuild the
+        // dictionary once it is a large share of the budget and has doubled since the last
+        // rebuild (so the work is amortised).
+        if self.dict.heap_bytes() > tier.budget / 4 && self.dict.keys.len() > 2 * self.dict_live {
+            self.compact_dict();
+        }
+        let Some(tier) = &self.tier else {
+            return Ok(());
+        };
         let total = self.hot_bytes();
         if total <= tier.budget {
             return Ok(());
         }
         let target = tier.budget / 5 * 4;
-        let sum_bytes =
-            |a: &WinAgg| WIN_BYTES + a.row.len() * (PAIR_BYTES + std::mem::size_of::<(u64, Id)>());
-        let sums: usize = self.win.values().map(sum_bytes).sum();
+        let slot = heap::table::<(Id, WinAgg)>(7) / 8;
+        let sum_bytes = |a: &WinAgg| slot + a.heap_bytes();
+        let sums = heap::table::<(Id, WinAgg)>(self.win.capacity()) + self.win_heap;
         if total - sums <= target {
             // Window sums alone: oldest requests first, until under the target.
             let by_age: Vec<(u32, usize)> = self
@@ -1056,23 +1130,25 @@ impl ItemStage {
                 return Ok(());
             };
             let round = self.round;
-            let win_pairs = &mut self.win_pairs;
+            let win_heap = &mut self.win_heap;
             self.win.retain(|_, a| {
                 let keep = round.wrapping_sub(a.used) < cutoff;
                 if !keep {
-                    *win_pairs -= a.row.len();
+                    *win_heap -= a.heap_bytes();
                 }
                 keep
             });
+            // A hash table never gives memory back by itself.
+            self.win.shrink_to_fit();
             self.ahead.clear();
             self.win_complete = false;
             return Ok(());
         }
-        self.win.clear();
-        self.win_pairs = 0;
+        self.win = FastMap::default();
+        self.win_heap = 0;
         self.ahead.clear();
         self.win_complete = false;
-        let mut ops = Vec::new();
+        let mut out = BatchWriter::new(tier.store.clone());
         let panes: Vec<i64> = self.panes.keys().copied().collect();
         for pane in panes {
             if self.hot_bytes() <= target {
@@ -1083,29 +1159,76 @@ impl ItemStage {
                 continue;
             }
             self.cold_panes.insert(pane);
-            self.pane_count -= entries.len();
             self.evictions += entries.len() as u64;
             for (id, e) in entries {
-                self.pane_pairs -= e.row.len();
+                self.row_heap -= row_bytes(&e.row);
                 if e.dirty {
-                    ops.push(StateOp::Put(
+                    out.push(StateOp::Put(
                         pane_key(e.kg, pane, self.dict.key(id)),
                         encode_entry(&e, &self.dict),
-                    ));
+                    ))?;
                 }
             }
         }
-        tier.store.write(ops)
+        out.finish()
+    }
+
+    /// Rebuild the dictionary with only the items the hot tier refers to, renumbering them
+    /// everywhere (entries in the store hold item strings, not ids).
+    fn compact_dict(&mut self) {
+        let old = std::mem::take(&mut self.dict);
+        let mut r = Renumber {
+            new_ids: vec![Id::MAX; old.keys.len()],
+            old,
+            dict: Dict::default(),
+        };
+        for entries in self.panes.values_mut() {
+            *entries = std::mem::take(entries)
+                .into_iter()
+                .map(|(id, mut e)| {
+                    r.row(&mut e.row);
+                    (r.id(id), e)
+                })
+                .collect();
+        }
+        r.sums(&mut self.win);
+        for sums in self.ahead.values_mut() {
+            r.sums(sums);
+        }
+        // Every hot entry has its new id by now; a dirty entry that is no longer in memory
+        // has nothing left to write (a snapshot would skip it).
+        self.dirty = self
+            .dirty
+            .iter()
+            .filter_map(|(pane, id)| {
+                let new = r.new_ids[*id as usize];
+                (new != Id::MAX).then_some((*pane, new))
+            })
+            .collect();
+        self.dict = r.dict;
+        self.dict_live = self.dict.keys.len();
+        self.dict_rebuilds += 1;
+        self.row_heap = self
+            .panes
+            .values()
+            .flat_map(FastMap::values)
+            .map(|e| row_bytes(&e.row))
+            .sum();
+        self.win_heap = self.win.values().map(WinAgg::heap_bytes).sum();
     }
 
     /// State changes since the last snapshot; `owned` are this worker's key groups.
-    pub fn snapshot(&mut self, owned: std::ops::Range<u32>, ops: &mut Vec<StateOp>) {
+    pub fn snapshot(
+        &mut self,
+        owned: std::ops::Range<u32>,
+        out: &mut dyn StateWriter,
+    ) -> Result<()> {
         if let Some(below) = self.expired_below.take() {
             for kg in owned {
-                ops.push(StateOp::DeleteRange(
+                out.push(StateOp::DeleteRange(
                     codec::state_key(kg, PANES.tag, &codec::ordered_i64(i64::MIN)),
                     codec::state_key(kg, PANES.tag, &codec::ordered_i64(below)),
-                ));
+                ))?;
             }
         }
         for (pane, id) in self.dirty.drain(..) {
@@ -1114,11 +1237,14 @@ impl ItemStage {
                 continue;
             };
             e.dirty = false;
-            ops.push(StateOp::Put(
+            out.push(StateOp::Put(
                 pane_key(e.kg, pane, self.dict.key(id)),
                 encode_entry(e, &self.dict),
-            ));
+            ))?;
         }
+        // Listed again from empty: one checkpoint interval's entries are not kept allocated.
+        self.dirty.shrink_to_fit();
+        Ok(())
     }
 
     /// Load one pane entry written by [`snapshot`](Self::snapshot).
@@ -1128,11 +1254,9 @@ impl ItemStage {
             .map_err(|_| crate::Error::CorruptState("item key is not UTF-8".into()))?;
         let item = self.dict.intern(item);
         let e = load_entry(value, kg, &mut self.dict)?;
-        self.pane_count += 1;
-        self.pane_pairs += e.row.len();
+        self.row_heap += row_bytes(&e.row);
         if let Some(old) = self.panes.entry(pane).or_default().insert(item, e) {
-            self.pane_count -= 1;
-            self.pane_pairs -= old.row.len();
+            self.row_heap -= row_bytes(&old.row);
         }
         Ok(())
     }
@@ -1249,11 +1373,20 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let state = StateManager::create(dir.path()).unwrap();
-        let budget = 40 * ENTRY_BYTES;
+        // The dictionary (never evicted), about 40 entries, and the dirty list between two
+        // checkpoints.
+        let entries = 40 * 2 * (std::mem::size_of::<(Id, PaneEntry)>() + 1);
+        let budget = memory.dict.heap_bytes() + entries + heap::vec::<(i64, Id)>(256);
         let mut tiered = ItemStage::new(params());
         tiered.set_store(state.spill_store(), budget, 0..8);
-        let mut peak = 0;
+        let (mut peak, mut steps) = (0, 0);
         let got = run(&mut tiered, |s| {
+            steps += 1;
+            if steps % 100 == 0 {
+                let mut out = state.writer();
+                s.snapshot(0..8, &mut out).unwrap();
+                out.finish().unwrap();
+            }
             s.maintain().unwrap();
             peak = peak.max(s.hot_bytes());
         });
@@ -1267,6 +1400,8 @@ mod tests {
         );
         assert!(tiered.evictions > 100, "evictions: {}", tiered.evictions);
         assert!(tiered.loads > 100, "loads: {}", tiered.loads);
+        // Ids are renumbered under the running window's sums and the dirty list, too.
+        assert!(tiered.dict_rebuilds > 0, "the dictionary was never rebuilt");
     }
 
     /// The incrementally kept candidates always equal a fresh ranking of the row, including

@@ -3,6 +3,7 @@
 //! ItemStats, recommendations). Pure logic: no I/O, no threads (the engine runs it).
 
 pub mod exchange;
+pub mod heap;
 pub mod item;
 pub mod output;
 pub mod trending;

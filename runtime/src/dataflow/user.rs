@@ -5,10 +5,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::exchange::{Exchange, RecRequest};
+use super::heap;
 use super::window::Windowing;
 use super::{FastMap, Key, Stamped};
 use crate::event::EventType;
-use crate::state::{codec, SpillStore, StateDescriptor, StateOp};
+use crate::state::{codec, BatchWriter, SpillStore, StateDescriptor, StateOp, StateWriter};
 use crate::Result;
 
 /// The user stage's only state: histories.
@@ -35,13 +36,22 @@ struct History {
     used: u32,
 }
 
-/// Bytes of one slot of the hot tier's table: key and history header (item and user ids up
+/// Bytes of one slot of the hot tier's tables: key and history header (item and user ids up
 /// to 24 bytes are inline), plus the hash table's control byte.
 const SLOT_BYTES: usize = std::mem::size_of::<(Key, History)>() + 1;
 
+/// The histories are split into this many tables by key group: a table grows by doubling
+/// (for a moment holding the old and the new one) and shrinks by copying, and with 10 M
+/// users one table was 300 MB.
+const SHARDS: usize = 64;
+
+fn shard(kg: u32) -> usize {
+    kg as usize % SHARDS
+}
+
 /// Heap bytes of a history's entries: what is allocated, not what is used.
 fn entry_bytes(entries: &VecDeque<HistEntry>) -> usize {
-    entries.capacity() * std::mem::size_of::<HistEntry>()
+    heap::vec::<HistEntry>(entries.capacity())
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -59,11 +69,13 @@ pub struct UserParams {
 /// store (or with a budget nothing outgrows) every history stays in memory.
 pub struct UserStage {
     params: UserParams,
-    histories: FastMap<Key, History>,
+    /// By `shard(key group)`.
+    histories: Vec<FastMap<Key, History>>,
     /// Users whose history was deleted since the last snapshot (their keys must go too).
     deleted: Vec<(u32, Key)>,
-    /// Users whose history became dirty since the last snapshot, each listed once.
-    dirty: Vec<Key>,
+    /// Users (key group, id) whose history became dirty since the last snapshot, each
+    /// listed once.
+    dirty: Vec<(u32, Key)>,
     store: Option<Arc<dyn SpillStore>>,
     budget: usize,
     /// Heap bytes of the hot tier's entries (see `entry_bytes`; the table is added by
@@ -79,7 +91,7 @@ impl UserStage {
     pub fn new(params: UserParams) -> Self {
         Self {
             params,
-            histories: FastMap::default(),
+            histories: (0..SHARDS).map(|_| FastMap::default()).collect(),
             deleted: Vec::new(),
             dirty: Vec::new(),
             store: None,
@@ -113,20 +125,27 @@ impl UserStage {
 
     /// Histories in memory.
     pub fn users(&self) -> usize {
-        self.histories.len()
+        self.histories.iter().map(FastMap::len).sum()
     }
 
-    /// Bytes of the hot tier: its table as allocated (a hash table keeps one bucket in
-    /// eight free) and every history's entries.
+    /// Heap bytes of the hot tier: its tables and every history's entries as allocated, and
+    /// the lists of users to write at the next snapshot.
     pub fn hot_bytes(&self) -> usize {
-        let buckets = self.histories.capacity() + self.histories.capacity() / 7;
-        buckets * SLOT_BYTES + self.entry_bytes
+        let tables: usize = self
+            .histories
+            .iter()
+            .map(|t| heap::table::<(Key, History)>(t.capacity()))
+            .sum();
+        tables
+            + self.entry_bytes
+            + heap::vec::<(u32, Key)>(self.dirty.capacity() + self.deleted.capacity())
     }
 
     /// The user's history, from memory or the store, or a new empty one.
     fn history(&mut self, user: &str, kg: u32) -> Result<&mut History> {
         let round = self.round;
-        if !self.histories.contains_key(user) {
+        let table = &mut self.histories[shard(kg)];
+        if !table.contains_key(user) {
             let loaded = match &self.store {
                 Some(store) => store
                     .get(&codec::state_key(kg, HISTORIES.tag, user.as_bytes()))?
@@ -142,7 +161,7 @@ impl UserStage {
                 None => VecDeque::new(),
             };
             self.entry_bytes += entry_bytes(&entries);
-            self.histories.insert(
+            table.insert(
                 Key::from(user),
                 History {
                     entries,
@@ -152,7 +171,7 @@ impl UserStage {
                 },
             );
         }
-        let h = self.histories.get_mut(user).expect("inserted above");
+        let h = table.get_mut(user).expect("inserted above");
         h.used = round;
         Ok(h)
     }
@@ -162,15 +181,15 @@ impl UserStage {
         let n = self.params.history_length;
         let hist = self.history(user, kg)?;
         let (grown, newly_dirty) = push(hist, entry, n);
-        self.account(user, grown, newly_dirty);
+        self.account(kg, user, grown, newly_dirty);
         Ok(())
     }
 
     /// Book an append: its growth of the hot tier and, once per snapshot, the dirty user.
-    fn account(&mut self, user: &str, grown: usize, newly_dirty: bool) {
+    fn account(&mut self, kg: u32, user: &str, grown: usize, newly_dirty: bool) {
         self.entry_bytes += grown;
         if newly_dirty {
-            self.dirty.push(Key::from(user));
+            self.dirty.push((kg, Key::from(user)));
         }
     }
 
@@ -219,7 +238,7 @@ impl UserStage {
                 }
             }
         }
-        self.account(&e.user_id, grown, newly_dirty);
+        self.account(user_kg, &e.user_id, grown, newly_dirty);
         x.request(
             item_kg,
             RecRequest {
@@ -249,19 +268,21 @@ impl UserStage {
             .saturating_sub(self.params.windowing.lateness);
         let deleted = &mut self.deleted;
         let mut freed = 0;
-        self.histories.retain(|user, h| {
-            let keep = h.entries.iter().any(|e| e.ts >= bound);
-            if !keep {
-                deleted.push((h.kg, user.clone()));
-                freed += entry_bytes(&h.entries);
-            }
-            keep
-        });
+        for table in &mut self.histories {
+            table.retain(|user, h| {
+                let keep = h.entries.iter().any(|e| e.ts >= bound);
+                if !keep {
+                    deleted.push((h.kg, user.clone()));
+                    freed += entry_bytes(&h.entries);
+                }
+                keep
+            });
+        }
         self.entry_bytes -= freed;
     }
 
     /// Between batches: when the hot tier is over budget, move its least recently used
-    /// fifth (at least) to the store, writing the changed ones back in one batch.
+    /// fifth (at least) to the store, writing the changed ones back in bounded batches.
     pub fn maintain(&mut self) -> Result<()> {
         self.round = self.round.wrapping_add(1);
         let Some(store) = &self.store else {
@@ -277,61 +298,73 @@ impl UserStage {
         let leaving = |h: &History| entry_bytes(&h.entries) + 2 * SLOT_BYTES;
         let by_age: Vec<(u32, usize)> = self
             .histories
-            .values()
+            .iter()
+            .flat_map(FastMap::values)
             .map(|h| (self.round.wrapping_sub(h.used), leaving(h)))
             .collect();
         let Some(cutoff) = super::eviction_cutoff(by_age, total, target) else {
             return Ok(());
         };
         let round = self.round;
-        let mut ops = Vec::new();
+        let mut out = BatchWriter::new(store.clone());
         let mut evicted = 0u64;
         let mut freed = 0;
-        self.histories.retain(|user, h| {
-            if round.wrapping_sub(h.used) < cutoff {
-                return true;
-            }
-            if h.dirty {
-                ops.push(StateOp::Put(
-                    codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
-                    encode_history(&h.entries),
-                ));
-            }
-            evicted += 1;
-            freed += entry_bytes(&h.entries);
-            false
-        });
-        store.write(ops)?;
+        for table in &mut self.histories {
+            let mut failed = Ok(());
+            table.retain(|user, h| {
+                if failed.is_err() || round.wrapping_sub(h.used) < cutoff {
+                    return true;
+                }
+                if h.dirty {
+                    failed = out.push(StateOp::Put(
+                        codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
+                        encode_history(&h.entries),
+                    ));
+                    if failed.is_err() {
+                        return true;
+                    }
+                }
+                evicted += 1;
+                freed += entry_bytes(&h.entries);
+                false
+            });
+            // A hash table never gives memory back by itself.
+            table.shrink_to_fit();
+            failed?;
+        }
+        out.finish()?;
         self.entry_bytes -= freed;
-        // A hash table never gives memory back by itself.
-        self.histories.shrink_to_fit();
         self.evictions += evicted;
         Ok(())
     }
 
     /// State changes since the last snapshot.
-    pub fn snapshot(&mut self, ops: &mut Vec<StateOp>) {
+    pub fn snapshot(&mut self, out: &mut dyn StateWriter) -> Result<()> {
         for (kg, user) in self.deleted.drain(..) {
-            ops.push(StateOp::Delete(codec::state_key(
+            out.push(StateOp::Delete(codec::state_key(
                 kg,
                 HISTORIES.tag,
                 user.as_bytes(),
-            )));
+            )))?;
         }
-        for user in self.dirty.drain(..) {
+        for (kg, user) in self.dirty.drain(..) {
             // Gone (expired: deleted above; evicted: written back then) or already written.
-            let Some(h) = self.histories.get_mut(user.as_str()) else {
+            let Some(h) = self.histories[shard(kg)].get_mut(user.as_str()) else {
                 continue;
             };
             if !h.dirty {
                 continue;
             }
             h.dirty = false;
-            ops.push(StateOp::Put(
+            out.push(StateOp::Put(
                 codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
                 encode_history(&h.entries),
-            ));
+            ))?;
         }
+        // Listed again from empty: a checkpoint interval's users are not kept allocated.
+        self.deleted.shrink_to_fit();
+        self.dirty.shrink_to_fit();
+        Ok(())
     }
 }
 
@@ -400,6 +433,7 @@ mod tests {
     use crate::dataflow::BatchFrame;
     use crate::source::generator::Generator;
     use crate::state::StateManager;
+    use std::mem::size_of;
 
     fn params() -> UserParams {
         let df = DataflowConfig::default();
@@ -468,13 +502,23 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let state = StateManager::create(dir.path()).unwrap();
-        let budget = 4 * (SLOT_BYTES + 20 * std::mem::size_of::<HistEntry>());
+        // Eight tables (one per key group) of a few users, about four full histories, and
+        // the list of users dirtied in three batches (a checkpoint empties it).
+        let budget = 8 * heap::table::<(Key, History)>(3)
+            + 4 * 20 * size_of::<HistEntry>()
+            + heap::vec::<(u32, Key)>(512);
         let mut tiered = UserStage::new(params());
         tiered.set_store(state.spill_store(), budget);
-        let mut peak = 0;
+        let (mut peak, mut batches) = (0, 0);
         let got = run(&mut tiered, |s| {
             s.maintain().unwrap();
             peak = peak.max(s.hot_bytes());
+            batches += 1;
+            if batches % 3 == 0 {
+                let mut out = state.writer();
+                s.snapshot(&mut out).unwrap();
+                out.finish().unwrap();
+            }
         });
         assert_eq!(got, want);
         assert!(
@@ -485,7 +529,7 @@ mod tests {
         assert!(tiered.loads > 100, "loads: {}", tiered.loads);
         // A snapshot now writes only what changed since the evictions wrote it back.
         let mut ops = Vec::new();
-        tiered.snapshot(&mut ops);
+        tiered.snapshot(&mut ops).unwrap();
         assert!(
             ops.len() <= tiered.users(),
             "{} ops for {} hot users",

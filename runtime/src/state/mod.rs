@@ -49,6 +49,70 @@ pub enum StateOp {
     DeleteRange(Vec<u8>, Vec<u8>),
 }
 
+impl StateOp {
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Put(k, v) | Self::DeleteRange(k, v) => k.len() + v.len(),
+            Self::Delete(k) => k.len(),
+        }
+    }
+}
+
+/// Where the stages hand changed state (at a checkpoint, an eviction, a cold emission).
+pub trait StateWriter {
+    fn push(&mut self, op: StateOp) -> Result<()>;
+}
+
+/// Collected, for tests and callers that add their own ops before writing.
+impl StateWriter for Vec<StateOp> {
+    fn push(&mut self, op: StateOp) -> Result<()> {
+        Vec::push(self, op);
+        Ok(())
+    }
+}
+
+/// Encoded changes beyond this go to the store before more are encoded.
+const BATCH_BYTES: usize = 8 << 20;
+
+/// A [`StateWriter`] into a store in batches of about 8 MiB as the ops come, so that writing
+/// a checkpoint's or an eviction's changes never holds all of them encoded at once.
+pub struct BatchWriter {
+    store: Arc<dyn SpillStore>,
+    pending: Vec<StateOp>,
+    bytes: usize,
+}
+
+impl BatchWriter {
+    pub fn new(store: Arc<dyn SpillStore>) -> Self {
+        Self {
+            store,
+            pending: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Write what is pending. Dropping a writer without finishing loses its last batch.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.bytes = 0;
+        self.store.write(std::mem::take(&mut self.pending))
+    }
+}
+
+impl StateWriter for BatchWriter {
+    fn push(&mut self, op: StateOp) -> Result<()> {
+        self.bytes += op.bytes();
+        self.pending.push(op);
+        if self.bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}
+
 /// A RocksDB checkpoint on local disk, ready to upload.
 #[derive(Clone, Debug)]
 pub struct LocalSnapshot {
@@ -162,6 +226,11 @@ impl StateManager {
 
     pub fn apply(&self, ops: Vec<StateOp>) -> Result<()> {
         apply_ops(&self.db, ops)
+    }
+
+    /// A writer into the live database in bounded batches (see [`BatchWriter`]).
+    pub fn writer(&self) -> BatchWriter {
+        BatchWriter::new(self.spill_store())
     }
 
     /// A handle the stages read and write evicted state through (the live database: every
@@ -323,7 +392,6 @@ fn apply_ops(db: &DB, ops: Vec<StateOp>) -> Result<()> {
     }
     // Written in bounded batches: nothing reads the database between them (a checkpoint is
     // cut after all of them), and a single batch would copy every op once more in memory.
-    const BATCH_BYTES: usize = 8 << 20;
     let mut batch = WriteBatch::default();
     for op in ops {
         match op {

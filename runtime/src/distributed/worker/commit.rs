@@ -201,17 +201,17 @@ impl Worker {
 
     /// Cut a part at this commit boundary and hand it to the uploader.
     pub(super) fn snapshot(&mut self, savepoint: Option<String>) -> Result<()> {
-        let mut ops = Vec::new();
+        let mut out = self.state().writer();
         self.user.expire(self.user_wm);
-        self.user.snapshot(&mut ops);
-        self.item.snapshot(self.range.clone(), &mut ops);
+        self.user.snapshot(&mut out)?;
+        self.item.snapshot(self.range.clone(), &mut out)?;
         for (kg, inbox) in self.receiver.inboxes() {
-            ops.push(StateOp::Put(
+            out.push(StateOp::Put(
                 codec::state_key(*kg, INBOXES, &[]),
                 inbox.encode(),
-            ));
+            ))?;
         }
-        self.state().apply(ops)?;
+        out.finish()?;
         self.part_seq += 1;
         let name = format!("part-{}", self.part_seq);
         let local = self.state().cut(&name)?;
