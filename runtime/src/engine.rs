@@ -78,6 +78,8 @@ struct Worker {
     range: std::ops::Range<u32>,
     user: UserStage,
     item: ItemStage,
+    /// The most heap bytes its two stages held before a maintenance (within a batch).
+    hot_peak: usize,
 }
 
 pub struct Engine {
@@ -106,7 +108,8 @@ pub struct Engine {
     pub latency: Option<hdrhistogram::Histogram<u64>>,
     pub checkpoint_log: Vec<CheckpointInfo>,
     /// The item stages' largest hot tier after a batch (approximate bytes).
-    item_hot_peak: usize,
+    /// The most heap bytes all stages held after a batch's maintenance.
+    settled_peak: usize,
 }
 
 impl Engine {
@@ -156,6 +159,7 @@ impl Engine {
                     emit_stats: cfg.sink.item_stats,
                     emit_late: true,
                 }),
+                hot_peak: 0,
             })
             .collect();
         let existing = checkpoint::completed_ids(&store.list("chk-")?);
@@ -215,7 +219,7 @@ impl Engine {
             rate_window: (Instant::now(), 0),
             latency: None,
             checkpoint_log: Vec::new(),
-            item_hot_peak: 0,
+            settled_peak: 0,
         };
         // Each worker gets an equal share of the budget for its two stages, in front of the
         // database.
@@ -250,7 +254,8 @@ impl Engine {
     fn restore_from(&mut self, m: Manifest) -> Result<()> {
         let routing = self.routing;
         let workers = &mut self.workers;
-        // Panes into memory; histories stay in the database, read on their user's first event.
+        // Panes into memory up to the budget (the rest are read on use); histories stay in
+        // the database, read on their user's first event.
         for kg in 0..self.cfg.key_groups {
             let w = &mut workers[routing.owner(kg)];
             self.state.for_each_in(kg, PANES.tag, |key, value| {
@@ -297,17 +302,19 @@ impl Engine {
         self.last_id
     }
 
-    /// The history tiers summed over workers: (users in memory, their approximate bytes,
-    /// histories read back from RocksDB, histories evicted to it).
-    pub fn history_tiers(&self) -> (u64, u64, u64, u64) {
-        self.workers.iter().fold((0, 0, 0, 0), |(u, b, l, e), w| {
-            (
-                u + w.user.users() as u64,
-                b + w.user.hot_bytes() as u64,
-                l + w.user.loads,
-                e + w.user.evictions,
-            )
-        })
+    /// The history tiers summed over workers: (histories read back from RocksDB, histories
+    /// evicted to it).
+    pub fn history_tiers(&self) -> (u64, u64) {
+        self.workers
+            .iter()
+            .fold((0, 0), |(l, e), w| (l + w.user.loads, e + w.user.evictions))
+    }
+
+    /// Heap bytes of the stages' state (see `dataflow::heap`): the peak after a batch's
+    /// maintenance, and the sum over workers of each one's peak before a maintenance.
+    pub fn state_memory_peaks(&self) -> (usize, usize) {
+        let between = self.workers.iter().map(|w| w.hot_peak).sum();
+        (self.settled_peak, between)
     }
 
     /// One worker's state budget: an equal share of `stateMemory`.
@@ -315,14 +322,16 @@ impl Engine {
         usize::try_from(self.cfg.state_memory.0).unwrap_or(usize::MAX) / self.workers.len().max(1)
     }
 
-    /// The item stages' hot tiers: peak approximate bytes (after a batch's maintenance),
-    /// pane entries read back from the store, pane entries moved to it.
+    /// The item stages' hot tiers: pane entries read back from the store, pane entries
+    /// moved to it, dictionary rebuilds.
     pub fn item_tiers(&self) -> (u64, u64, u64) {
-        let (l, e) = self
-            .workers
-            .iter()
-            .fold((0, 0), |(l, e), w| (l + w.item.loads, e + w.item.evictions));
-        (self.item_hot_peak as u64, l, e)
+        self.workers.iter().fold((0, 0, 0), |(l, e, r), w| {
+            (
+                l + w.item.loads,
+                e + w.item.evictions,
+                r + w.item.dict_rebuilds,
+            )
+        })
     }
 
     pub fn enable_latency_histogram(&mut self) {
@@ -478,6 +487,7 @@ impl Engine {
             for (i, kg) in mine {
                 w.user.process(&stamped[i], kg, &mut x)?;
             }
+            w.hot_peak = w.hot_peak.max(w.user.hot_bytes() + w.item.hot_bytes());
             w.user.set_budget(share_budget(budget, w.item.hot_bytes()));
             w.user.maintain()?;
             Ok(x.finish())
@@ -512,6 +522,7 @@ impl Engine {
                         &mut stats,
                     )
                     .and_then(|out| {
+                        w.hot_peak = w.hot_peak.max(w.user.hot_bytes() + w.item.hot_bytes());
                         w.item.set_budget(share_budget(budget, w.user.hot_bytes()));
                         w.item.maintain().map(|()| out)
                     });
@@ -526,8 +537,12 @@ impl Engine {
             })
             .collect::<Result<_>>()?;
         self.metrics.item_stats_out.fetch_add(stats_out, Relaxed);
-        let item_hot: usize = self.workers.iter().map(|w| w.item.hot_bytes()).sum();
-        self.item_hot_peak = self.item_hot_peak.max(item_hot);
+        let settled: usize = self
+            .workers
+            .iter()
+            .map(|w| w.user.hot_bytes() + w.item.hot_bytes())
+            .sum();
+        self.settled_peak = self.settled_peak.max(settled);
         for o in &outputs {
             for (end, list) in &o.trending {
                 self.board.merge(*end, list.clone());

@@ -60,16 +60,16 @@ pub struct BenchReport {
     pub checkpoint_size_mb_last: f64,
     pub peak_rss_mb: f64,
     pub state_memory: ByteSize,
-    /// Users whose history is in memory at the end, and the approximate bytes.
-    pub users_hot: u64,
-    pub history_hot_mb: f64,
+    /// Heap bytes of the stages' state (as allocated): the peak after a batch's maintenance,
+    /// and before one (per worker, summed).
+    pub state_peak_mb: f64,
+    pub state_peak_between_mb: f64,
     pub history_loads: u64,
     pub history_evictions: u64,
-    /// Peak approximate bytes of the item stages' hot tiers (sampled after each batch), and
-    /// pane entries read back from RocksDB and moved to it.
-    pub item_hot_peak_mb: f64,
+    /// Pane entries read back from RocksDB and moved to it; item dictionary rebuilds.
     pub pane_loads: u64,
     pub pane_evictions: u64,
+    pub dict_rebuilds: u64,
     pub recommendations: u64,
     pub item_stats: u64,
 }
@@ -111,17 +111,18 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "peak RSS               {:.0} MB", self.peak_rss_mb)?;
         writeln!(
             f,
-            "histories              {} users in memory ({:.0} MB, budget {}), {} read back from RocksDB, {} evicted",
-            self.users_hot,
-            self.history_hot_mb,
-            self.state_memory,
-            self.history_loads,
-            self.history_evictions
+            "state in memory        {:.0} MB at most after a batch's maintenance, {:.0} MB before (budget {})",
+            self.state_peak_mb, self.state_peak_between_mb, self.state_memory,
         )?;
         writeln!(
             f,
-            "item state             {:.0} MB in memory at most (budget {} with the histories), {} pane entries read back from RocksDB, {} evicted",
-            self.item_hot_peak_mb, self.state_memory, self.pane_loads, self.pane_evictions
+            "histories              {} read back from RocksDB, {} evicted",
+            self.history_loads, self.history_evictions
+        )?;
+        writeln!(
+            f,
+            "item state             {} pane entries read back from RocksDB, {} evicted; dictionary rebuilt {} times",
+            self.pane_loads, self.pane_evictions, self.dict_rebuilds
         )?;
         write!(
             f,
@@ -163,8 +164,9 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
     engine.run()?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = super::cpu_seconds().unwrap_or(0.0) - cpu_before;
-    let (users_hot, hot_bytes, history_loads, history_evictions) = engine.history_tiers();
-    let (item_hot_peak, pane_loads, pane_evictions) = engine.item_tiers();
+    let (history_loads, history_evictions) = engine.history_tiers();
+    let (pane_loads, pane_evictions, dict_rebuilds) = engine.item_tiers();
+    let (state_peak, state_peak_between) = engine.state_memory_peaks();
     let h = engine.latency.as_ref().expect("enabled above");
     let mut durations: Vec<u64> = engine
         .checkpoint_log
@@ -199,13 +201,13 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
             .map_or(0.0, |c| c.size_bytes as f64 / 1e6),
         peak_rss_mb: super::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
         state_memory: opts.state_memory,
-        users_hot,
-        history_hot_mb: hot_bytes as f64 / 1e6,
+        state_peak_mb: state_peak as f64 / 1e6,
+        state_peak_between_mb: state_peak_between as f64 / 1e6,
         history_loads,
         history_evictions,
-        item_hot_peak_mb: item_hot_peak as f64 / 1e6,
         pane_loads,
         pane_evictions,
+        dict_rebuilds,
         recommendations: s.recommendations_out,
         item_stats: s.item_stats_out,
     })

@@ -882,8 +882,21 @@ impl ItemStage {
         self.win_heap = 0;
         self.prune_ahead();
         let first = w.pane(end) - w.panes_per_window();
-        // With cold panes in the window its sums are only a cache, filled per request.
-        self.win_complete = self.cold_panes.range(first..w.pane(end)).next().is_none();
+        // With cold panes in the window its sums are only a cache, filled per request; also
+        // when summing every item of it could outgrow the budget (the sums take at most
+        // what the panes' entries take).
+        self.win_complete = self.cold_panes.range(first..w.pane(end)).next().is_none()
+            && self.tier.as_ref().is_none_or(|t| {
+                let parts: usize = self
+                    .panes
+                    .range(first..w.pane(end))
+                    .map(|(_, m)| {
+                        heap::table::<(Id, WinAgg)>(m.capacity())
+                            + m.values().map(|e| row_bytes(&e.row)).sum::<usize>()
+                    })
+                    .sum();
+                self.hot_bytes() + parts <= t.budget
+            });
         if !self.win_complete {
             return;
         }
@@ -1247,9 +1260,20 @@ impl ItemStage {
         Ok(())
     }
 
-    /// Load one pane entry written by [`snapshot`](Self::snapshot).
+    /// Load one pane entry written by [`snapshot`](Self::snapshot). With a store attached
+    /// (which holds the entry), entries beyond half the budget (the stage's least share)
+    /// stay there: their pane is marked cold and they are read on use.
     pub fn restore(&mut self, kg: u32, key: &[u8], value: &[u8]) -> Result<()> {
         let pane = codec::from_ordered_i64(key)?;
+        if self
+            .tier
+            .as_ref()
+            .is_some_and(|t| self.hot_bytes() >= t.budget / 2)
+        {
+            self.panes.entry(pane).or_default();
+            self.cold_panes.insert(pane);
+            return Ok(());
+        }
         let item = std::str::from_utf8(&key[8..])
             .map_err(|_| crate::Error::CorruptState("item key is not UTF-8".into()))?;
         let item = self.dict.intern(item);
@@ -1402,6 +1426,49 @@ mod tests {
         assert!(tiered.loads > 100, "loads: {}", tiered.loads);
         // Ids are renumbered under the running window's sums and the dirty list, too.
         assert!(tiered.dict_rebuilds > 0, "the dictionary was never rebuilt");
+    }
+
+    /// A stage restored from a snapshot with a budget far below its state keeps the panes
+    /// beyond half the budget in the store (marked cold) and goes on producing exactly what
+    /// an uninterrupted all-in-memory stage produces.
+    #[test]
+    fn a_restore_beyond_the_budget_leaves_panes_cold_and_the_output_is_unchanged() {
+        let mut memory = ItemStage::new(params());
+        let want = run(&mut memory, |_| {});
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateManager::create(dir.path()).unwrap();
+        let budget =
+            memory.dict.heap_bytes() + 2 * 40 * (std::mem::size_of::<(Id, PaneEntry)>() + 1);
+        let (mut steps, mut cold_after_restore) = (0, 0);
+        let got = run(&mut ItemStage::new(params()), |s| {
+            steps += 1;
+            if steps != 1_500 {
+                s.maintain().unwrap();
+                return;
+            }
+            let mut out = state.writer();
+            s.snapshot(0..8, &mut out).unwrap();
+            out.finish().unwrap();
+            let mut restored = ItemStage::new(params());
+            restored.set_store(state.spill_store(), budget, 0..8);
+            for kg in 0..8 {
+                state
+                    .for_each_in(kg, PANES.tag, |key, value| {
+                        let (kg, _, rest) = codec::split_key(key)?;
+                        restored.restore(kg, rest, value)
+                    })
+                    .unwrap();
+            }
+            restored.resume(s.watermark());
+            cold_after_restore = restored.cold_panes.len();
+            *s = restored;
+        });
+        assert!(cold_after_restore > 0, "every pane was loaded");
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w);
+        }
     }
 
     /// The incrementally kept candidates always equal a fresh ranking of the row, including

@@ -297,8 +297,9 @@ impl Worker {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
         }
-        // Route the state to the stages: panes and inboxes into memory; histories stay in the
-        // database, read on their user's first event.
+        // Route the state to the stages: panes into memory up to the budget, inboxes into
+        // memory; histories stay in the database, read on their user's first event.
+        self.attach_stores();
         let mut inboxes = BTreeMap::new();
         let item = &mut self.item;
         let state = self.state.as_ref().expect("opened above");
@@ -312,7 +313,6 @@ impl Worker {
                 Ok(())
             })?;
         }
-        self.attach_stores();
         Ok(inboxes)
     }
 
