@@ -111,8 +111,11 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "peak RSS               {:.0} MB", self.peak_rss_mb)?;
         writeln!(
             f,
-            "state in memory        {:.0} MB at most after a batch's maintenance, {:.0} MB before (budget {})",
-            self.state_peak_mb, self.state_peak_between_mb, self.state_memory,
+            "state in memory        {:.1} MB at most after a batch's maintenance, {:.1} MB before (budget {} = {:.1} MB)",
+            self.state_peak_mb,
+            self.state_peak_between_mb,
+            self.state_memory,
+            self.state_memory.0 as f64 / 1e6,
         )?;
         writeln!(
             f,
