@@ -105,7 +105,6 @@ fn dataflow_batch(c: &mut Criterion) {
                                 .unwrap(),
                         ),
                         &frame,
-                        |k| routing.key_group(k),
                         &mut stats,
                     )
                     .expect("no store, no I/O");

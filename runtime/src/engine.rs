@@ -515,12 +515,7 @@ impl Engine {
                 let mut stats = ChunkedStats::new(&sink);
                 let out = w
                     .item
-                    .process_batch(
-                        merge_inboxes(inbox),
-                        frame,
-                        |k| routing.key_group(k),
-                        &mut stats,
-                    )
+                    .process_batch(merge_inboxes(inbox), frame, &mut stats)
                     .and_then(|out| {
                         w.hot_peak = w.hot_peak.max(w.user.hot_bytes() + w.item.hot_bytes());
                         w.item.set_budget(share_budget(budget, w.user.hot_bytes()));
@@ -556,7 +551,8 @@ impl Engine {
             let mut recs = Vec::with_capacity(o.recs.len() * 256);
             for p in &mut o.recs {
                 board.fill(&mut p.rec.items, k, &p.excluded, p.wm, lateness);
-                write_json_line(&mut recs, &p.rec);
+                p.rec.write_json(&mut recs);
+                recs.push(b'\n');
             }
             let mut late = Vec::new();
             for l in &o.late {
@@ -772,7 +768,8 @@ impl StatsOut for ChunkedStats<'_, '_> {
         if self.error.is_some() {
             return;
         }
-        write_json_line(&mut self.buf, &stats);
+        stats.write_json(&mut self.buf);
+        self.buf.push(b'\n');
         self.records += 1;
         if self.buf.len() >= Self::CHUNK_BYTES {
             self.flush();

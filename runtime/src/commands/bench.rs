@@ -72,6 +72,10 @@ pub struct BenchReport {
     pub dict_rebuilds: u64,
     pub recommendations: u64,
     pub item_stats: u64,
+    /// Co-visitation increments the user stage produced, and what the exchange sent after
+    /// pre-aggregating them.
+    pub increments_in: u64,
+    pub increments_out: u64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -126,6 +130,13 @@ impl std::fmt::Display for BenchReport {
             f,
             "item state             {} pane entries read back from RocksDB, {} evicted; dictionary rebuilt {} times",
             self.pane_loads, self.pane_evictions, self.dict_rebuilds
+        )?;
+        writeln!(
+            f,
+            "exchange               {} increments pre-aggregated into {} ({:.2} per event)",
+            self.increments_in,
+            self.increments_out,
+            self.increments_out as f64 / self.events.max(1) as f64
         )?;
         write!(
             f,
@@ -213,6 +224,12 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         dict_rebuilds,
         recommendations: s.recommendations_out,
         item_stats: s.item_stats_out,
+        increments_in: metrics
+            .increments_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        increments_out: metrics
+            .increments_out
+            .load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 

@@ -1,11 +1,13 @@
 //! The exchange between the user-keyed and the item-keyed stage.
 //!
-//! Co-visitation increments are pre-aggregated per target key group between flushes (sums
-//! commute, so window contents are unchanged), which is what lets the distributed version
-//! send one batch per target partition per flush instead of one record per increment.
+//! Co-visitation increments are pre-aggregated per item between flushes (sums commute, so
+//! window contents are unchanged), which is what lets the distributed version send one batch
+//! per target partition per flush instead of one record per increment, and lets the item
+//! stage look an item's pane entry and window sum up once per batch of its increments.
 //! Flushes happen exactly where ordering matters:
-//! - before a recommendation request to a key group (the request must see its own event's
-//!   increments: key `(seq, RANK_OWN)` then `(seq, RANK_REQUEST)`);
+//! - before a recommendation request, of the requested item's increments (the request must
+//!   see its own event's increments, and it reads nothing but its item's row: key
+//!   `(seq, RANK_OWN)` then `(seq, RANK_REQUEST)`);
 //! - at every watermark crossing (increments stamped before it must be counted in the windows
 //!   emitted there: key `(crossing, RANK_CROSSING)`, which sorts before the emission);
 //! - at the end of a batch, so no exchange state outlives a checkpoint barrier.
@@ -26,13 +28,14 @@ pub const RANK_REQUEST: u8 = 2;
 /// Order of messages at a receiver: (sequence number, rank).
 pub type MsgKey = (u64, u8);
 
-/// One co-visitation increment or popularity contribution, already summed.
+/// One item's co-visitation increments, summed since its last flush: per pane, the weight
+/// to add to each other item. `kg` is the item's key group (the receiver does not hash it
+/// again).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Increment {
-    pub pane: i64,
+pub struct ItemIncrements {
     pub item: Key,
-    pub other: Key,
-    pub weight: u64,
+    pub kg: u32,
+    pub panes: Vec<(i64, Vec<(Key, u64)>)>,
 }
 
 /// What the item stage needs to recommend for one event.
@@ -49,8 +52,12 @@ pub struct RecRequest {
 
 #[derive(Clone, Debug)]
 pub enum Payload {
-    Increments(Vec<Increment>),
-    Request(Box<RecRequest>),
+    Increments(Vec<ItemIncrements>),
+    /// A request for an item of key group `kg`.
+    Request {
+        kg: u32,
+        req: Box<RecRequest>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -88,16 +95,28 @@ pub trait Exchange {
     fn request(&mut self, kg: u32, req: RecRequest);
 }
 
-type AggKey = (i64, Key, Key);
+/// Reused aggregation maps kept at most (see `ExchangeWriter::spare`), and the largest kept.
+const SPARE_MAPS: usize = 64;
+const SPARE_CAPACITY: usize = 256;
+
+/// One item's increments since its last flush.
+struct PendingItem {
+    kg: u32,
+    /// Per pane (an item is rarely incremented in more than two at once): other → weight.
+    panes: Vec<(i64, FastMap<Key, u64>)>,
+}
 
 /// The sending side of one worker for one batch: outboxes per target worker, sorted by key.
 pub struct ExchangeWriter<'f> {
     routing: Routing,
     frame: &'f BatchFrame,
     next_crossing: usize,
-    pending: FastMap<u32, FastMap<AggKey, u64>>,
+    pending: FastMap<Key, PendingItem>,
+    /// Emptied aggregation maps, reused: one per item and flush would otherwise be allocated
+    /// and grown again for nearly every event.
+    spare: Vec<FastMap<Key, u64>>,
     outboxes: Vec<Vec<Message>>,
-    /// Increments sent and messages flushed, for the exchange's metrics.
+    /// Increments sent and aggregated increments flushed, for the exchange's metrics.
     pub increments_in: u64,
     pub increments_out: u64,
 }
@@ -109,41 +128,65 @@ impl<'f> ExchangeWriter<'f> {
             frame,
             next_crossing: 0,
             pending: FastMap::default(),
+            spare: Vec::new(),
             outboxes: (0..routing.parallelism).map(|_| Vec::new()).collect(),
             increments_in: 0,
             increments_out: 0,
         }
     }
 
-    fn flush(&mut self, kg: u32, key: MsgKey) {
-        let Some(agg) = self.pending.remove(&kg) else {
-            return;
-        };
-        if agg.is_empty() {
-            return;
-        }
-        self.increments_out += agg.len() as u64;
-        let adds = agg
+    fn drain(&mut self, item: Key, p: PendingItem) -> ItemIncrements {
+        let spare = &mut self.spare;
+        let panes: Vec<(i64, Vec<(Key, u64)>)> = p
+            .panes
             .into_iter()
-            .map(|((pane, item, other), weight)| Increment {
-                pane,
-                item,
-                other,
-                weight,
+            .map(|(pane, mut others)| {
+                let row = others.drain().collect();
+                if spare.len() < SPARE_MAPS && others.capacity() <= SPARE_CAPACITY {
+                    spare.push(others);
+                }
+                (pane, row)
             })
             .collect();
-        let owner = self.routing.owner(kg);
+        self.increments_out += panes.iter().map(|(_, o)| o.len() as u64).sum::<u64>();
+        ItemIncrements {
+            item,
+            kg: p.kg,
+            panes,
+        }
+    }
+
+    /// Flush one item's increments.
+    fn flush_item(&mut self, item: &str, key: MsgKey) {
+        let Some((item, p)) = self.pending.remove_entry(item) else {
+            return;
+        };
+        let owner = self.routing.owner(p.kg);
+        let incs = self.drain(item, p);
         self.outboxes[owner].push(Message {
             key,
-            payload: Payload::Increments(adds),
+            payload: Payload::Increments(vec![incs]),
         });
     }
 
+    /// Flush everything: one message per target worker.
     fn flush_all(&mut self, key: MsgKey) {
-        let mut kgs: Vec<u32> = self.pending.keys().copied().collect();
-        kgs.sort_unstable();
-        for kg in kgs {
-            self.flush(kg, key);
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut by_owner: Vec<Vec<ItemIncrements>> = vec![Vec::new(); self.outboxes.len()];
+        for (item, p) in std::mem::take(&mut self.pending) {
+            let owner = self.routing.owner(p.kg);
+            let incs = self.drain(item, p);
+            by_owner[owner].push(incs);
+        }
+        for (owner, incs) in by_owner.into_iter().enumerate() {
+            if !incs.is_empty() {
+                self.outboxes[owner].push(Message {
+                    key,
+                    payload: Payload::Increments(incs),
+                });
+            }
         }
     }
 
@@ -186,21 +229,39 @@ impl Exchange for ExchangeWriter<'_> {
 
     fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
         self.increments_in += 1;
-        *self
-            .pending
-            .entry(kg)
-            .or_default()
-            .entry((pane, item.clone(), other.clone()))
-            .or_insert(0) += weight;
+        // Look up before inserting: no key is cloned for an entry that exists.
+        let p = match self.pending.get_mut(item.as_str()) {
+            Some(p) => p,
+            None => self.pending.entry(item.clone()).or_insert(PendingItem {
+                kg,
+                panes: Vec::new(),
+            }),
+        };
+        let others = match p.panes.iter().position(|(p, _)| *p == pane) {
+            Some(i) => &mut p.panes[i].1,
+            None => {
+                p.panes.push((pane, self.spare.pop().unwrap_or_default()));
+                &mut p.panes.last_mut().expect("pushed").1
+            }
+        };
+        match others.get_mut(other.as_str()) {
+            Some(w) => *w += weight,
+            None => {
+                others.insert(other.clone(), weight);
+            }
+        }
     }
 
     fn request(&mut self, kg: u32, req: RecRequest) {
         let seq = req.seq;
-        self.flush(kg, (seq, RANK_OWN));
+        self.flush_item(&req.event.item_id, (seq, RANK_OWN));
         let owner = self.routing.owner(kg);
         self.outboxes[owner].push(Message {
             key: (seq, RANK_REQUEST),
-            payload: Payload::Request(Box::new(req)),
+            payload: Payload::Request {
+                kg,
+                req: Box::new(req),
+            },
         });
     }
 }
@@ -235,14 +296,14 @@ mod tests {
     use super::*;
     use crate::event::EventType;
 
-    fn req(seq: u64) -> RecRequest {
+    fn req(seq: u64, item: &str) -> RecRequest {
         RecRequest {
             seq,
             wm: 0,
             event: Event {
                 event_id: "e".into(),
                 user_id: "u".into(),
-                item_id: "i".into(),
+                item_id: item.into(),
                 kind: EventType::Click,
                 ts: 1,
             },
@@ -263,15 +324,18 @@ mod tests {
             key_groups: 4,
             parallelism: 1,
         };
-        let (a, b): (Key, Key) = ("a".into(), "b".into());
+        let (a, b, c): (Key, Key, Key) = ("a".into(), "b".into(), "c".into());
         let mut x = ExchangeWriter::new(routing, &frame);
         x.begin_event(1);
         x.add(0, 0, &a, &b, 1);
         x.add(1, 0, &b, &a, 1);
+        x.add(0, 0, &c, &a, 1);
         x.begin_event(2);
         x.add(0, 0, &a, &b, 2);
-        x.request(0, req(2));
-        x.begin_event(6); // passes the crossing at 5: kg 1 is flushed there
+        x.add(0, 1, &a, &c, 5);
+        // The request flushes its own item only: `c`, of the same key group, stays pending.
+        x.request(0, req(2, "a"));
+        x.begin_event(6); // passes the crossing at 5: `b` and `c` are flushed there
         x.add(1, 0, &b, &a, 4);
         let out = x.finish();
         let keys: Vec<MsgKey> = out.boxes[0].iter().map(|m| m.key).collect();
@@ -284,13 +348,27 @@ mod tests {
                 (10, RANK_CROSSING)
             ]
         );
-
-        let Payload::Increments(adds) = &out.boxes[0][0].payload else {
-            panic!()
+        let incs = |i: usize| {
+            let Payload::Increments(adds) = &out.boxes[0][i].payload else {
+                panic!("message {i} is not increments")
+            };
+            let mut adds = adds.clone();
+            adds.sort_by(|x, y| x.item.cmp(&y.item));
+            adds
         };
-        assert_eq!(adds.len(), 1);
-        assert_eq!(adds[0].weight, 3, "two increments summed");
-        assert_eq!((out.increments_in, out.increments_out), (4, 3));
+        let own = incs(0);
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].item, a);
+        assert_eq!(
+            own[0].panes,
+            [(0, vec![(b.clone(), 3)]), (1, vec![(c.clone(), 5)])],
+            "two increments summed"
+        );
+        let crossing = incs(2);
+        assert_eq!(crossing.len(), 2);
+        assert_eq!((crossing[0].item.as_str(), crossing[0].kg), ("b", 1));
+        assert_eq!((crossing[1].item.as_str(), crossing[1].kg), ("c", 0));
+        assert_eq!((out.increments_in, out.increments_out), (6, 5));
 
         // A sender whose last event precedes a crossing flushes right before that crossing,
         // even though the crossing is another sender's event.

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Range, RangeInclusive};
 use std::sync::Arc;
 
-use super::exchange::{Increment, Message, Payload, RecRequest};
+use super::exchange::{ItemIncrements, Message, Payload, RecRequest};
 use super::output::{top_n_by, ItemStats, LateEvent, Neighbor, Recommendation, Scored, StatsOut};
 use super::window::{Windowing, WM_MAX, WM_MIN};
 use super::{heap, BatchFrame, FastMap, Key};
@@ -44,8 +44,20 @@ type Row = FastMap<Id, u64>;
 struct Dict {
     ids: FastMap<Key, Id>,
     keys: Vec<Key>,
+    /// Each key's first 8 bytes, big-endian and zero-padded: ranking breaks ties between
+    /// equal weights by item id, and this decides most of them with one integer comparison.
+    prefixes: Vec<u64>,
     /// Heap bytes of keys too long to be inline (each is held twice).
     spilled: usize,
+}
+
+/// The first 8 bytes of `key` as a big-endian integer, zero-padded: `a < b` as integers
+/// implies `a < b` in byte order, and equal prefixes leave the rest to compare.
+fn prefix(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = key.len().min(8);
+    b[..n].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(b)
 }
 
 impl Dict {
@@ -58,6 +70,7 @@ impl Dict {
         if key.is_heap_allocated() {
             self.spilled += 2 * key.capacity();
         }
+        self.prefixes.push(prefix(key.as_bytes()));
         self.keys.push(key.clone());
         self.ids.insert(key, id);
         id
@@ -66,6 +79,7 @@ impl Dict {
     fn heap_bytes(&self) -> usize {
         heap::table::<(Key, Id)>(self.ids.capacity())
             + heap::vec::<Key>(self.keys.capacity())
+            + heap::vec::<u64>(self.prefixes.capacity())
             + self.spilled
     }
 
@@ -79,6 +93,10 @@ impl Dict {
 
     /// The rank order's tie-break: item ids ascending in byte order.
     fn before(&self, a: Id, b: Id) -> bool {
+        let (pa, pb) = (self.prefixes[a as usize], self.prefixes[b as usize]);
+        if pa != pb {
+            return pa < pb;
+        }
         self.key(a).as_bytes() < self.key(b).as_bytes()
     }
 
@@ -127,6 +145,14 @@ impl Renumber {
             })
             .collect();
     }
+}
+
+/// What one update adds to an item's pane entry.
+#[derive(Clone, Copy)]
+enum Add<'a> {
+    Pop(u64),
+    /// Co-visitation weights to other items.
+    Row(&'a [(Id, u64)]),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -203,10 +229,12 @@ impl WinAgg {
         // value ranks at or above the last entry (or, not full, iff it was nonzero).
         let present = old > 0 && (!full || !dict.better(top[top.len() - 1], (old, j)));
         let mut pos = if present {
-            let Some(i) = top.iter().position(|(_, id)| *id == j) else {
+            // `top` is sorted by rank: find `(old, j)` by binary search.
+            let i = top.partition_point(|e| dict.better(*e, (old, j)));
+            if top.get(i) != Some(&(old, j)) {
                 self.top_valid = false;
                 return false;
-            };
+            }
             top[i].0 = new;
             i
         } else if !full {
@@ -324,6 +352,8 @@ pub struct ItemStage {
     dict_live: usize,
     /// Maintenance rounds so far (the clock of `WinAgg::used`).
     round: u32,
+    /// Reused by `apply_row` for the interned ids of one row's increments.
+    scratch: Vec<(Id, u64)>,
 }
 
 struct Tier {
@@ -399,6 +429,7 @@ impl ItemStage {
             dict_rebuilds: 0,
             dict_live: 0,
             round: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -501,8 +532,26 @@ impl ItemStage {
         weight: u64,
     ) -> Result<()> {
         let item = self.dict.intern(item);
-        let other = other.map(|o| self.dict.intern(o));
-        self.apply_ids(kg, pane, item, other, weight)
+        match other {
+            Some(o) => {
+                let o = self.dict.intern(o);
+                self.apply_ids(kg, pane, item, Add::Row(&[(o, weight)]))
+            }
+            None => self.apply_ids(kg, pane, item, Add::Pop(weight)),
+        }
+    }
+
+    /// Add co-visitation weights to one item's row in `pane` (the distributed runtime's
+    /// exchange entries).
+    pub fn apply_row_of(
+        &mut self,
+        kg: u32,
+        pane: i64,
+        item: &str,
+        others: &[(Key, u64)],
+    ) -> Result<()> {
+        let item = self.dict.intern(item);
+        self.apply_row(kg, pane, item, others)
     }
 
     /// Bring `item`'s entry in `pane` into memory if it is only in the store.
@@ -524,32 +573,56 @@ impl ItemStage {
         Ok(())
     }
 
-    fn apply_ids(
-        &mut self,
-        kg: u32,
-        pane: i64,
-        item: Id,
-        other: Option<Id>,
-        weight: u64,
-    ) -> Result<()> {
+    /// Add to `item`'s entry in `pane`: popularity, or co-visitation weights to other items
+    /// (looked up once for all of them).
+    fn apply_ids(&mut self, kg: u32, pane: i64, item: Id, add: Add<'_>) -> Result<()> {
         self.warm(kg, pane, item)?;
         let in_win = self.in_window(self.next_end, pane);
+        // A new entry's row starts at the size the item's row had in the pane before: rows
+        // of one item are alike from pane to pane, and growing a large one by doubling
+        // rehashes it several times.
+        let size_hint = match add {
+            Add::Row(_) if !self.panes.get(&pane).is_some_and(|m| m.contains_key(&item)) => self
+                .panes
+                .get(&(pane - 1))
+                .and_then(|m| m.get(&item))
+                .map_or(0, |e| e.row.len()),
+            _ => 0,
+        };
         let entries = self.panes.entry(pane).or_default();
-        let entry = entries.entry(item).or_default();
+        let entry = entries.entry(item).or_insert_with(|| PaneEntry {
+            row: Row::with_capacity_and_hasher(size_hint, Default::default()),
+            ..PaneEntry::default()
+        });
+        if size_hint > 0 && entry.row.is_empty() {
+            // Just created: its reserved table counts from now on.
+            self.row_heap += row_bytes(&entry.row);
+        }
         entry.kg = kg;
         if !entry.dirty {
             entry.dirty = true;
             self.dirty.push((pane, item));
         }
-        match other {
-            Some(o) => {
+        match add {
+            Add::Row(others) => {
                 let before = row_bytes(&entry.row);
-                *entry.row.entry(o).or_insert(0) += weight;
+                for &(o, w) in others {
+                    *entry.row.entry(o).or_insert(0) += w;
+                }
                 self.row_heap += row_bytes(&entry.row) - before;
             }
-            None => entry.pop += weight,
+            Add::Pop(w) => entry.pop += w,
         }
         let cap = self.top_cap();
+        let dict = &self.dict;
+        let add_to = |agg: &mut WinAgg| match add {
+            Add::Row(others) => {
+                for &(o, w) in others {
+                    agg.add(o, w, cap, dict);
+                }
+            }
+            Add::Pop(w) => agg.pop += w,
+        };
         if in_win {
             // A partial cache holds exact sums for the items it has; others are summed from
             // their panes when requested.
@@ -559,14 +632,9 @@ impl ItemStage {
                 self.win.get_mut(&item)
             };
             if let Some(agg) = agg {
-                match other {
-                    Some(o) => {
-                        let before = agg.heap_bytes();
-                        agg.add(o, weight, cap, &self.dict);
-                        self.win_heap += agg.heap_bytes() - before;
-                    }
-                    None => agg.pop += weight,
-                }
+                let before = agg.heap_bytes();
+                add_to(agg);
+                self.win_heap += agg.heap_bytes() - before;
             }
         }
         if !self.ahead.is_empty() {
@@ -576,16 +644,30 @@ impl ItemStage {
             let last = w.last_window_end(pane);
             for sums in self.ahead.range_mut(first..=last).map(|(_, m)| m) {
                 if let Some(agg) = sums.get_mut(&item) {
-                    match other {
-                        Some(o) => {
-                            agg.add(o, weight, cap, &self.dict);
-                        }
-                        None => agg.pop += weight,
-                    }
+                    add_to(agg);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Apply one item's pre-aggregated increments (see [`ItemIncrements`]).
+    pub fn apply_increments(&mut self, incs: &ItemIncrements) -> Result<()> {
+        let item = self.dict.intern(&incs.item);
+        for (pane, others) in &incs.panes {
+            self.apply_row(incs.kg, *pane, item, others)?;
+        }
+        Ok(())
+    }
+
+    /// Add co-visitation weights `others` to `item`'s row in `pane`.
+    fn apply_row(&mut self, kg: u32, pane: i64, item: Id, others: &[(Key, u64)]) -> Result<()> {
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        ids.extend(others.iter().map(|(o, w)| (self.dict.intern(o), *w)));
+        let applied = self.apply_ids(kg, pane, item, Add::Row(&ids));
+        self.scratch = ids;
+        applied
     }
 
     /// `item`'s sum over its entries in `panes` that `live` accepts, reading cold ones back.
@@ -622,7 +704,6 @@ impl ItemStage {
         &mut self,
         messages: impl Iterator<Item = Message>,
         frame: &BatchFrame,
-        kg_of: impl Fn(&[u8]) -> u32,
         stats: &mut dyn StatsOut,
     ) -> Result<ItemOutput> {
         let mut out = ItemOutput::default();
@@ -638,31 +719,12 @@ impl ItemStage {
                 }
             }
             match msg.payload {
-                Payload::Increments(adds) => {
-                    // Increments arrive grouped by item: look its id and key group up once.
-                    let mut last: Option<(Key, Id, u32)> = None;
-                    for Increment {
-                        pane,
-                        item,
-                        other,
-                        weight,
-                    } in adds
-                    {
-                        let (id, kg) = match &last {
-                            Some((k, id, kg)) if *k == item => (*id, *kg),
-                            _ => {
-                                let id = self.dict.intern(&item);
-                                let kg = kg_of(item.as_bytes());
-                                last = Some((item, id, kg));
-                                (id, kg)
-                            }
-                        };
-                        let other = self.dict.intern(&other);
-                        self.apply_ids(kg, pane, id, Some(other), weight)?;
+                Payload::Increments(items) => {
+                    for incs in &items {
+                        self.apply_increments(incs)?;
                     }
                 }
-                Payload::Request(req) => {
-                    let kg = kg_of(req.event.item_id.as_bytes());
+                Payload::Request { kg, req } => {
                     self.request(*req, kg, &mut out)?;
                 }
             }
@@ -692,7 +754,7 @@ impl ItemStage {
                 watermark: req.wm,
             });
         } else {
-            self.apply_ids(kg, pane, item, None, u64::from(req.weight))?;
+            self.apply_ids(kg, pane, item, Add::Pop(u64::from(req.weight)))?;
         }
         let items = self.score(item, kg, pane, req.wm, &req.excluded)?;
         out.recs.push(PendingRec {

@@ -5,6 +5,7 @@
 pub mod exchange;
 pub mod heap;
 pub mod item;
+pub mod json;
 pub mod output;
 pub mod trending;
 pub mod user;

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Key;
+use super::{json, Key};
 use crate::event::EventType;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +37,60 @@ pub struct Recommendation {
     pub item_id: Key,
     pub ts: i64,
     pub items: Vec<Scored>,
+}
+
+impl ItemStats {
+    /// Append the record as JSON (the same bytes `serde_json` writes).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        json::key_first(out, "itemId");
+        json::str(out, &self.item_id);
+        json::key_next(out, "windowStart");
+        json::int(out, self.window_start);
+        json::key_next(out, "windowEnd");
+        json::int(out, self.window_end);
+        json::key_next(out, "popularity");
+        json::int(out, self.popularity);
+        json::key_next(out, "neighbors");
+        out.push(b'[');
+        for (i, n) in self.neighbors.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::key_first(out, "itemId");
+            json::str(out, &n.item_id);
+            json::key_next(out, "weight");
+            json::int(out, n.weight);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+    }
+}
+
+impl Recommendation {
+    /// Append the record as JSON (the same bytes `serde_json` writes).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        json::key_first(out, "eventId");
+        json::str(out, &self.event_id);
+        json::key_next(out, "userId");
+        json::str(out, &self.user_id);
+        json::key_next(out, "itemId");
+        json::str(out, &self.item_id);
+        json::key_next(out, "ts");
+        json::int(out, self.ts);
+        json::key_next(out, "items");
+        out.push(b'[');
+        for (i, s) in self.items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::key_first(out, "itemId");
+            json::str(out, &s.item_id);
+            json::key_next(out, "score");
+            json::float(out, s.score);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+    }
 }
 
 /// An event that arrived after all of its windows were emitted.
@@ -136,6 +190,56 @@ pub fn top_n_by<T: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_written_as_serde_json_writes_them() {
+        let rec = Recommendation {
+            event_id: "e\"1".into(),
+            user_id: "u\n".into(),
+            item_id: "ié".into(),
+            ts: -5,
+            items: vec![
+                Scored {
+                    item_id: "a".into(),
+                    score: 0.1 + 0.2,
+                },
+                Scored {
+                    item_id: "b\\".into(),
+                    score: 0.0,
+                },
+            ],
+        };
+        let mut got = Vec::new();
+        rec.write_json(&mut got);
+        assert_eq!(got, serde_json::to_vec(&rec).unwrap());
+        let empty = Recommendation {
+            items: Vec::new(),
+            ..rec
+        };
+        got.clear();
+        empty.write_json(&mut got);
+        assert_eq!(got, serde_json::to_vec(&empty).unwrap());
+
+        let stats = ItemStats {
+            item_id: "x".into(),
+            window_start: 0,
+            window_end: 600_000,
+            popularity: u64::MAX,
+            neighbors: vec![
+                Neighbor {
+                    item_id: "y".into(),
+                    weight: 3,
+                },
+                Neighbor {
+                    item_id: "z\u{1}".into(),
+                    weight: 1,
+                },
+            ],
+        };
+        got.clear();
+        stats.write_json(&mut got);
+        assert_eq!(got, serde_json::to_vec(&stats).unwrap());
+    }
 
     #[test]
     fn top_n_orders_by_weight_then_id() {

@@ -477,13 +477,19 @@ mod tests {
             for m in x.finish().boxes.into_iter().flatten() {
                 let mut line = format!("{:?}", m.key);
                 match m.payload {
-                    Payload::Increments(mut adds) => {
-                        adds.sort_by(|a, b| {
-                            (a.pane, &a.item, &a.other).cmp(&(b.pane, &b.item, &b.other))
-                        });
-                        line += &format!("{adds:?}");
+                    Payload::Increments(mut items) => {
+                        items.sort_by(|a, b| a.item.cmp(&b.item));
+                        for i in &mut items {
+                            i.panes.sort_by_key(|(pane, _)| *pane);
+                            for (_, others) in &mut i.panes {
+                                others.sort();
+                            }
+                        }
+                        line += &format!("{items:?}");
                     }
-                    Payload::Request(r) => line += &format!("{:?}", (r.late, r.excluded)),
+                    Payload::Request { req, .. } => {
+                        line += &format!("{:?}", (req.late, req.excluded))
+                    }
                 }
                 sent.push(line);
             }

@@ -796,9 +796,7 @@ impl Worker {
             }
             Delivery::Item(kg, Entry::Increments(p)) => {
                 for (item, others) in &p.rows {
-                    for (other, w) in others {
-                        self.item.apply(kg, p.pane, item, Some(other), *w)?;
-                    }
+                    self.item.apply_row_of(kg, p.pane, item, others)?;
                 }
             }
             Delivery::Item(kg, Entry::Request(r)) => {
@@ -875,7 +873,8 @@ impl Worker {
         for p in &mut out.recs {
             self.board
                 .fill(&mut p.rec.items, k, &p.excluded, p.wm, lateness);
-            let value = serde_json::to_vec(&p.rec)?;
+            let mut value = Vec::with_capacity(1024);
+            p.rec.write_json(&mut value);
             let topic = self.sink.recommendations.clone();
             self.produce(
                 BaseRecord::to(&topic)
@@ -1142,16 +1141,14 @@ impl StatsOut for ProducedStats<'_> {
         if self.error.is_some() {
             return;
         }
-        let produced = serde_json::to_vec(&stats)
-            .map_err(Error::from)
-            .and_then(|v| {
-                produce(
-                    self.producer,
-                    BaseRecord::to(topic)
-                        .key(stats.item_id.as_bytes())
-                        .payload(v.as_slice()),
-                )
-            });
+        let mut value = Vec::with_capacity(512);
+        stats.write_json(&mut value);
+        let produced = produce(
+            self.producer,
+            BaseRecord::to(topic)
+                .key(stats.item_id.as_bytes())
+                .payload(value.as_slice()),
+        );
         match produced {
             Ok(()) => self.records += 1,
             Err(e) => self.error = Some(e),
