@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::checkpoint::{self, Manifest, MANIFEST};
 use crate::config::JobConfig;
 use crate::dataflow::exchange::{merge_inboxes, ExchangeWriter, Outboxes, Routing};
-use crate::dataflow::item::{ItemOutput, ItemParams, ItemStage, PANES};
+use crate::dataflow::item::{ItemOutput, ItemParams, ItemStage};
 use crate::dataflow::output::{ItemStats, StatsOut};
 use crate::dataflow::trending::TrendingBoard;
 use crate::dataflow::user::{UserParams, UserStage};
@@ -29,7 +29,7 @@ use crate::keygroup;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, Stream};
 use crate::source::{Polled, Source};
-use crate::state::{codec, StateManager};
+use crate::state::StateManager;
 use crate::store::{self as objstore, FileStore, ObjectStore};
 use crate::{Error, Result};
 
@@ -258,10 +258,7 @@ impl Engine {
         // the database, read on their user's first event.
         for kg in 0..self.cfg.key_groups {
             let w = &mut workers[routing.owner(kg)];
-            self.state.for_each_in(kg, PANES.tag, |key, value| {
-                let (kg, _, rest) = codec::split_key(key)?;
-                w.item.restore(kg, rest, value)
-            })?;
+            self.state.scan_panes(kg, &mut w.item.restorer(kg))?;
         }
         let wm = m.watermark.current();
         for w in &mut self.workers {
@@ -520,7 +517,8 @@ impl Engine {
                         w.hot_peak = w.hot_peak.max(w.user.hot_bytes() + w.item.hot_bytes());
                         w.item.set_budget(share_budget(budget, w.user.hot_bytes()));
                         w.item.maintain().map(|()| out)
-                    });
+                    })
+                    .map_err(Error::from);
                 (out, stats.finish())
             });
         let mut stats_out = 0;

@@ -32,6 +32,28 @@ pub enum Error {
     Rewind(String),
     #[error("engine stopped: {0}")]
     Stopped(String),
+    #[error("dataflow: {0}")]
+    Dataflow(#[source] riffle_dataflow::Error),
+}
+
+/// The dataflow's errors come from the state store it was given, which is this crate's: hand
+/// them back unwrapped.
+impl From<riffle_dataflow::Error> for Error {
+    fn from(e: riffle_dataflow::Error) -> Self {
+        match e {
+            riffle_dataflow::Error::Store(inner) => match inner.downcast::<Error>() {
+                Ok(e) => *e,
+                Err(other) => Error::Dataflow(riffle_dataflow::Error::Store(other)),
+            },
+        }
+    }
+}
+
+/// Errors of the state layer, as the dataflow's stages see them.
+impl From<Error> for riffle_dataflow::Error {
+    fn from(e: Error) -> Self {
+        riffle_dataflow::Error::Store(Box::new(e))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

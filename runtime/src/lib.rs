@@ -3,13 +3,10 @@
 
 pub mod checkpoint;
 pub mod commands;
-pub mod dataflow;
 pub mod distributed;
 pub mod engine;
 mod error;
-pub mod event;
 pub mod http;
-pub mod keygroup;
 pub mod metrics;
 pub mod shutdown;
 pub mod sink;
@@ -20,5 +17,9 @@ pub mod watermark;
 pub use error::{Error, Result};
 /// The job configuration (crate `riffle-config`, shared with the operator).
 pub use riffle_config as config;
+/// The dataflow core (crate `riffle-dataflow`): stages, exchange, windows, outputs.
+pub use riffle_dataflow as dataflow;
+/// Events and their decoding, and key groups (part of the dataflow core).
+pub use riffle_dataflow::{event, keygroup};
 /// Object stores for checkpoints and savepoints (crate `riffle-store`).
 pub use riffle_store as store;

@@ -1,21 +1,31 @@
-//! The state manager: the only code that touches RocksDB. Operators keep their working state
-//! in memory and hand it over as [`StateOp`]s at checkpoint barriers (write-through, no
-//! read-modify-write per increment); the manager writes them, cuts a RocksDB checkpoint, and
-//! uploads only the table files the store does not have yet.
+//! The state layer: the only code that touches RocksDB. It serves the dataflow's stages
+//! through their interface ([`riffle_dataflow::store`]): point reads of histories and pane
+//! entries beyond the hot tiers, scans of a key group's panes, and the changes they hand over
+//! at checkpoint barriers and evictions (write-through, no read-modify-write per increment),
+//! encoded here ([`records`]). The manager cuts RocksDB checkpoints and uploads only the table
+//! files the store does not have yet.
 
 pub mod codec;
+pub mod records;
+#[cfg(test)]
+mod tiers_tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use riffle_dataflow::store::{PaneVisitor, StateStore};
+use riffle_dataflow::user::HistEntry;
 use rocksdb::{checkpoint::Checkpoint, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 use crate::checkpoint::{self, Manifest, ManifestFile};
 use crate::error::IoContext;
 use crate::store::ObjectStore;
-use crate::Result;
+use crate::{Error, Result};
+
+pub use records::{HISTORIES, PANES};
 
 /// RocksDB's own memory, on top of the hot tier's budget: the block cache and at most two
 /// memtables.
@@ -27,19 +37,6 @@ pub const WRITE_BUFFER_BYTES: usize = 32 << 20;
 pub struct StateDescriptor {
     pub name: &'static str,
     pub tag: u8,
-}
-
-/// A visitor of keys and values in key order.
-pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
-
-/// Keyed state beyond memory, as the dataflow's stages see it: point reads and batched
-/// writes of encoded values. RocksDB serves it ([`StateManager::spill_store`]); the stages
-/// never see more of the database than this.
-pub trait SpillStore: Send + Sync {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
-    fn write(&self, ops: Vec<StateOp>) -> Result<()>;
-    /// Visit the keys in `[from, to)` in key order.
-    fn scan(&self, from: &[u8], to: &[u8], f: &mut Visit<'_>) -> Result<()>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,37 +55,35 @@ impl StateOp {
     }
 }
 
-/// Where the stages hand changed state (at a checkpoint, an eviction, a cold emission).
-pub trait StateWriter {
-    fn push(&mut self, op: StateOp) -> Result<()>;
-}
-
-/// Collected, for tests and callers that add their own ops before writing.
-impl StateWriter for Vec<StateOp> {
-    fn push(&mut self, op: StateOp) -> Result<()> {
-        Vec::push(self, op);
-        Ok(())
-    }
-}
-
-/// Encoded changes beyond this go to the store before more are encoded.
+/// Encoded changes beyond this go to the database before more are encoded.
 const BATCH_BYTES: usize = 8 << 20;
 
-/// A [`StateWriter`] into a store in batches of about 8 MiB as the ops come, so that writing
-/// a checkpoint's or an eviction's changes never holds all of them encoded at once.
+/// Changes into the live database in batches of about 8 MiB as they come, so that writing
+/// a checkpoint's or an eviction's changes never holds all of them encoded at once. The
+/// stages write through it as a [`riffle_dataflow::store::StateWriter`]; the runtime adds
+/// raw ops of its own ([`push`](Self::push)).
 pub struct BatchWriter {
-    store: Arc<dyn SpillStore>,
+    db: Arc<DB>,
     pending: Vec<StateOp>,
     bytes: usize,
 }
 
 impl BatchWriter {
-    pub fn new(store: Arc<dyn SpillStore>) -> Self {
+    fn new(db: Arc<DB>) -> Self {
         Self {
-            store,
+            db,
             pending: Vec::new(),
             bytes: 0,
         }
+    }
+
+    pub fn push(&mut self, op: StateOp) -> Result<()> {
+        self.bytes += op.bytes();
+        self.pending.push(op);
+        if self.bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Write what is pending. Dropping a writer without finishing loses its last batch.
@@ -98,18 +93,43 @@ impl BatchWriter {
 
     fn flush(&mut self) -> Result<()> {
         self.bytes = 0;
-        self.store.write(std::mem::take(&mut self.pending))
+        apply_ops(&self.db, std::mem::take(&mut self.pending))
     }
 }
 
-impl StateWriter for BatchWriter {
-    fn push(&mut self, op: StateOp) -> Result<()> {
-        self.bytes += op.bytes();
-        self.pending.push(op);
-        if self.bytes >= BATCH_BYTES {
-            self.flush()?;
-        }
-        Ok(())
+impl riffle_dataflow::store::StateWriter for BatchWriter {
+    fn put_history(
+        &mut self,
+        kg: u32,
+        user: &str,
+        entries: &VecDeque<HistEntry>,
+    ) -> riffle_dataflow::Result<()> {
+        Ok(self.push(records::put_history(kg, user, entries))?)
+    }
+
+    fn delete_history(&mut self, kg: u32, user: &str) -> riffle_dataflow::Result<()> {
+        Ok(self.push(StateOp::Delete(records::history_key(kg, user)))?)
+    }
+
+    fn put_pane_entry(
+        &mut self,
+        kg: u32,
+        pane: i64,
+        item: &str,
+        popularity: u64,
+        neighbors: &mut dyn ExactSizeIterator<Item = (&str, u64)>,
+    ) -> riffle_dataflow::Result<()> {
+        Ok(self.push(records::put_pane_entry(
+            kg, pane, item, popularity, neighbors,
+        ))?)
+    }
+
+    fn delete_panes_below(&mut self, kg: u32, pane: i64) -> riffle_dataflow::Result<()> {
+        Ok(self.push(records::delete_panes_below(kg, pane))?)
+    }
+
+    fn finish(self: Box<Self>) -> riffle_dataflow::Result<()> {
+        Ok(BatchWriter::finish(*self)?)
     }
 }
 
@@ -230,12 +250,12 @@ impl StateManager {
 
     /// A writer into the live database in bounded batches (see [`BatchWriter`]).
     pub fn writer(&self) -> BatchWriter {
-        BatchWriter::new(self.spill_store())
+        BatchWriter::new(self.db.clone())
     }
 
-    /// A handle the stages read and write evicted state through (the live database: every
+    /// The stages' store for what is beyond their hot tiers (the live database: every
     /// checkpoint is cut after the stages have written back what changed).
-    pub fn spill_store(&self) -> Arc<dyn SpillStore> {
+    pub fn spill_store(&self) -> Arc<dyn StateStore> {
         Arc::new(Spill(self.db.clone()))
     }
 
@@ -256,6 +276,12 @@ impl StateManager {
             f(&k, &v)?;
         }
         Ok(())
+    }
+
+    /// Visit key group `kg`'s pane entries (a restore: the item stage's
+    /// [`restorer`](riffle_dataflow::item::ItemStage::restorer)).
+    pub fn scan_panes(&self, kg: u32, visit: &mut dyn PaneVisitor) -> Result<()> {
+        scan_panes(&self.db, kg, i64::MIN..i64::MAX, visit)
     }
 
     /// Visit every key/value (restore: route them to their owners).
@@ -362,28 +388,61 @@ impl StateManager {
     }
 }
 
+/// The stages' view of the live database.
 struct Spill(Arc<DB>);
 
-impl SpillStore for Spill {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.0.get(key)?)
+impl StateStore for Spill {
+    fn history(&self, kg: u32, user: &str) -> riffle_dataflow::Result<Option<VecDeque<HistEntry>>> {
+        let Some(v) = self
+            .0
+            .get_pinned(records::history_key(kg, user))
+            .map_err(Error::from)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(records::decode_history(&v)?))
     }
 
-    fn write(&self, ops: Vec<StateOp>) -> Result<()> {
-        apply_ops(&self.0, ops)
+    fn pane_entry(
+        &self,
+        kg: u32,
+        pane: i64,
+        item: &str,
+        neighbor: &mut dyn FnMut(&str, u64),
+    ) -> riffle_dataflow::Result<Option<u64>> {
+        let key = records::pane_key(kg, pane, item);
+        let Some(v) = self.0.get_pinned(key).map_err(Error::from)? else {
+            return Ok(None);
+        };
+        Ok(Some(records::decode_pane_entry(&v, neighbor)?))
     }
 
-    fn scan(&self, from: &[u8], to: &[u8], f: &mut Visit<'_>) -> Result<()> {
-        let mode = IteratorMode::From(from, rocksdb::Direction::Forward);
-        for item in self.0.iterator(mode) {
-            let (k, v) = item?;
-            if &*k >= to {
-                break;
-            }
-            f(&k, &v)?;
+    fn scan_panes(
+        &self,
+        kg: u32,
+        panes: Range<i64>,
+        visit: &mut dyn PaneVisitor,
+    ) -> riffle_dataflow::Result<()> {
+        Ok(scan_panes(&self.0, kg, panes, visit)?)
+    }
+
+    fn writer(&self) -> Box<dyn riffle_dataflow::store::StateWriter + '_> {
+        Box::new(BatchWriter::new(self.0.clone()))
+    }
+}
+
+/// Visit key group `kg`'s pane entries of `panes` in key order, decoded.
+fn scan_panes(db: &DB, kg: u32, panes: Range<i64>, visit: &mut dyn PaneVisitor) -> Result<()> {
+    let (from, to) = records::pane_range(kg, panes);
+    let mode = IteratorMode::From(&from, rocksdb::Direction::Forward);
+    for item in db.iterator(mode) {
+        let (k, v) = item?;
+        if *k >= *to {
+            break;
         }
-        Ok(())
+        records::visit_pane_entry(&k, &v, visit)?;
     }
+    Ok(())
 }
 
 fn apply_ops(db: &DB, ops: Vec<StateOp>) -> Result<()> {

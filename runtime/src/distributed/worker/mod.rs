@@ -40,7 +40,7 @@ use super::snapshot::{self, Located, UploadDone, UploadJob, Uploader, UploaderCo
 use super::wire::{self, Barrier, Entry, Forwarded, Marker, Origin, Sender};
 use crate::config::{JobConfig, SourceConfig, StartOffsets};
 use crate::dataflow::exchange::Routing;
-use crate::dataflow::item::{EmittedThrough, ItemOutput, ItemParams, ItemStage, PANES};
+use crate::dataflow::item::{EmittedThrough, ItemOutput, ItemParams, ItemStage};
 use crate::dataflow::output::{ItemStats, LateEvent, StatsOut};
 use crate::dataflow::user::{HistEntry, UserParams, UserStage};
 use crate::dataflow::window::{Windowing, WM_MIN};
@@ -49,7 +49,7 @@ use crate::event::{self, Event, EventType, Validation};
 use crate::keygroup;
 use crate::metrics::{Metrics, PartitionStatus, WorkerInfo};
 use crate::state::codec::{self, put_i64, put_str, put_u32, Reader};
-use crate::state::{StateManager, StateOp, StateWriter};
+use crate::state::{StateManager, StateOp};
 use crate::store as objstore;
 use crate::watermark::WatermarkTracker;
 use crate::{Error, Result};

@@ -304,10 +304,7 @@ impl Worker {
         let item = &mut self.item;
         let state = self.state.as_ref().expect("opened above");
         for kg in self.range.clone() {
-            state.for_each_in(kg, PANES.tag, |key, value| {
-                let (kg, _, rest) = codec::split_key(key)?;
-                item.restore(kg, rest, value)
-            })?;
+            state.scan_panes(kg, &mut item.restorer(kg))?;
             state.for_each_in(kg, INBOXES, |_, value| {
                 inboxes.insert(kg, Inbox::decode(value)?);
                 Ok(())
@@ -338,8 +335,8 @@ impl Worker {
                 }
             })?;
             match failed {
-                Some(e) => Err(e),
-                None => user.maintain(),
+                Some(e) => Err(e.into()),
+                None => Ok(user.maintain()?),
             }
         })?;
         tracing::info!(

@@ -19,14 +19,8 @@ use super::exchange::{ItemIncrements, Message, Payload, RecRequest};
 use super::output::{top_n_by, ItemStats, LateEvent, Neighbor, Recommendation, Scored, StatsOut};
 use super::window::{Windowing, WM_MAX, WM_MIN};
 use super::{heap, BatchFrame, FastMap, Key};
-use crate::state::{codec, BatchWriter, SpillStore, StateDescriptor, StateOp, StateWriter};
+use crate::store::{PaneVisitor, StateStore, StateWriter};
 use crate::Result;
-
-/// The item stage's only state: per (pane, item) popularity and co-visitation row.
-pub const PANES: StateDescriptor = StateDescriptor {
-    name: "panes",
-    tag: b'P',
-};
 
 /// Windows ahead of the running one whose sums are kept (see `ItemStage::ahead`).
 const MAX_AHEAD_WINDOWS: usize = 4;
@@ -161,6 +155,12 @@ struct PaneEntry {
     row: Row,
     kg: u32,
     dirty: bool,
+}
+
+/// Heap bytes of one slot of a pane's table of entries (for sizing budgets in tests of the
+/// tiers).
+pub fn pane_entry_slot_bytes() -> usize {
+    std::mem::size_of::<(Id, PaneEntry)>() + 1
 }
 
 /// Heap bytes of a row.
@@ -357,53 +357,145 @@ pub struct ItemStage {
 }
 
 struct Tier {
-    store: Arc<dyn SpillStore>,
+    store: Arc<dyn StateStore>,
     budget: usize,
     /// The key groups whose windows this stage emits (a cold window is scanned per group).
     owned: Range<u32>,
 }
 
-/// The store key of a pane entry: `(key group, 'P', pane, item)`.
-fn pane_key(kg: u32, pane: i64, item: &str) -> Vec<u8> {
-    let mut rest = codec::ordered_i64(pane).to_vec();
-    rest.extend_from_slice(item.as_bytes());
-    codec::state_key(kg, PANES.tag, &rest)
+/// Write an entry's popularity and row (ids as item strings: stored state needs no
+/// dictionary).
+fn put_entry(
+    out: &mut dyn StateWriter,
+    pane: i64,
+    id: Id,
+    e: &PaneEntry,
+    dict: &Dict,
+) -> Result<()> {
+    out.put_pane_entry(
+        e.kg,
+        pane,
+        dict.key(id),
+        e.pop,
+        &mut e.row.iter().map(|(k, w)| (dict.key(*k).as_str(), *w)),
+    )
 }
 
-fn encode_entry(e: &PaneEntry, dict: &Dict) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12 + e.row.len() * 20);
-    codec::put_u64(&mut v, e.pop);
-    codec::put_u32(&mut v, e.row.len() as u32);
-    for (k, w) in &e.row {
-        codec::put_str(&mut v, dict.key(*k));
-        codec::put_u64(&mut v, *w);
-    }
-    v
-}
-
-/// Visit an encoded entry's popularity and row without interning anything.
-fn decode_entry<'a>(value: &'a [u8], mut neighbor: impl FnMut(&'a str, u64)) -> Result<u64> {
-    let mut r = codec::Reader::new(value);
-    let pop = r.u64()?;
-    let n = r.u32()? as usize;
-    for _ in 0..n {
-        let k = r.str()?;
-        neighbor(k, r.u64()?);
-    }
-    Ok(pop)
-}
-
-fn load_entry(value: &[u8], kg: u32, dict: &mut Dict) -> Result<PaneEntry> {
+/// Read `item`'s stored entry in `pane`, interning its neighbours.
+fn load_entry(
+    store: &dyn StateStore,
+    kg: u32,
+    pane: i64,
+    item: &str,
+    dict: &mut Dict,
+) -> Result<Option<PaneEntry>> {
     let mut row = Row::default();
-    let pop = decode_entry(value, |k, w| {
+    let pop = store.pane_entry(kg, pane, item, &mut |k, w| {
         row.insert(dict.intern(k), w);
     })?;
-    Ok(PaneEntry {
+    Ok(pop.map(|pop| PaneEntry {
         pop,
         row,
         kg,
         dirty: false,
-    })
+    }))
+}
+
+/// Loads stored pane entries into a stage: see [`ItemStage::restorer`].
+pub struct Restorer<'a> {
+    stage: &'a mut ItemStage,
+    kg: u32,
+    /// The entry being read: (pane, item, entry).
+    current: Option<(i64, Id, PaneEntry)>,
+}
+
+impl Restorer<'_> {
+    fn flush(&mut self) {
+        let Some((pane, id, e)) = self.current.take() else {
+            return;
+        };
+        let s = &mut *self.stage;
+        s.row_heap += row_bytes(&e.row);
+        if let Some(old) = s.panes.entry(pane).or_default().insert(id, e) {
+            s.row_heap -= row_bytes(&old.row);
+        }
+    }
+}
+
+impl PaneVisitor for Restorer<'_> {
+    fn entry(&mut self, pane: i64, item: &str, popularity: u64) {
+        self.flush();
+        let s = &mut *self.stage;
+        if s.tier
+            .as_ref()
+            .is_some_and(|t| s.hot_bytes() >= t.budget / 2)
+        {
+            s.panes.entry(pane).or_default();
+            s.cold_panes.insert(pane);
+            return;
+        }
+        let id = s.dict.intern(item);
+        self.current = Some((
+            pane,
+            id,
+            PaneEntry {
+                pop: popularity,
+                row: Row::default(),
+                kg: self.kg,
+                dirty: false,
+            },
+        ));
+    }
+
+    fn neighbor(&mut self, item: &str, weight: u64) {
+        if let Some((_, _, e)) = &mut self.current {
+            e.row.insert(self.stage.dict.intern(item), weight);
+        }
+    }
+}
+
+impl Drop for Restorer<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// A window's stored entries summed per item: (popularity, row) by item id (a cold
+/// emission reads one key group's window at a time).
+#[derive(Default)]
+struct WindowSums {
+    sums: FastMap<Key, (u64, FastMap<Key, u64>)>,
+    /// The entry being read and its neighbours so far.
+    current: Option<Key>,
+    neighbors: Vec<(Key, u64)>,
+}
+
+impl WindowSums {
+    fn flush(&mut self) {
+        if let Some(item) = self.current.take() {
+            let (_, row) = self.sums.entry(item).or_default();
+            for (k, w) in self.neighbors.drain(..) {
+                *row.entry(k).or_insert(0) += w;
+            }
+        }
+    }
+
+    fn finish(mut self) -> FastMap<Key, (u64, FastMap<Key, u64>)> {
+        self.flush();
+        self.sums
+    }
+}
+
+impl PaneVisitor for WindowSums {
+    fn entry(&mut self, _pane: i64, item: &str, popularity: u64) {
+        self.flush();
+        self.sums.entry(Key::from(item)).or_default().0 += popularity;
+        self.current = Some(Key::from(item));
+    }
+
+    fn neighbor(&mut self, item: &str, weight: u64) {
+        self.neighbors.push((Key::from(item), weight));
+    }
 }
 
 impl ItemStage {
@@ -436,7 +528,7 @@ impl ItemStage {
     /// Back the stage with `store` and keep about `budget` bytes of pane entries and window
     /// sums in memory. `owned` are the key groups whose windows this stage emits. The store
     /// must hold every pane entry not in memory (a restored checkpoint does).
-    pub fn set_store(&mut self, store: Arc<dyn SpillStore>, budget: usize, owned: Range<u32>) {
+    pub fn set_store(&mut self, store: Arc<dyn StateStore>, budget: usize, owned: Range<u32>) {
         self.tier = Some(Tier {
             store,
             budget,
@@ -564,8 +656,8 @@ impl ItemStage {
         let Some(tier) = &self.tier else {
             return Ok(());
         };
-        if let Some(v) = tier.store.get(&pane_key(kg, pane, self.dict.key(item)))? {
-            let e = load_entry(&v, kg, &mut self.dict)?;
+        let key = self.dict.key(item).clone();
+        if let Some(e) = load_entry(tier.store.as_ref(), kg, pane, &key, &mut self.dict)? {
             self.row_heap += row_bytes(&e.row);
             self.loads += 1;
             self.panes.entry(pane).or_default().insert(item, e);
@@ -690,8 +782,9 @@ impl ItemStage {
                 agg.add_pane(e);
             } else if let Some(tier) = self.tier.as_ref().filter(|_| self.cold_panes.contains(&p)) {
                 // Read, not brought back: reads must not refill the hot tier.
-                if let Some(v) = tier.store.get(&pane_key(kg, p, self.dict.key(item)))? {
-                    agg.add_pane(&load_entry(&v, kg, &mut self.dict)?);
+                let key = self.dict.key(item).clone();
+                if let Some(e) = load_entry(tier.store.as_ref(), kg, p, &key, &mut self.dict)? {
+                    agg.add_pane(&e);
                     self.loads += 1;
                 }
             }
@@ -1087,13 +1180,10 @@ impl ItemStage {
             .as_ref()
             .expect("only a stage with a store has cold panes");
         let (first, last) = (w.pane(end) - w.panes_per_window(), w.pane(end) - 1);
-        let mut writer = BatchWriter::new(tier.store.clone());
+        let mut writer = tier.store.writer();
         for (pane, entries) in self.panes.range_mut(first..=last) {
             for (id, e) in entries.iter_mut().filter(|(_, e)| e.dirty) {
-                writer.push(StateOp::Put(
-                    pane_key(e.kg, *pane, self.dict.key(*id)),
-                    encode_entry(e, &self.dict),
-                ))?;
+                put_entry(writer.as_mut(), *pane, *id, e, &self.dict)?;
                 // Still listed in `dirty`: the next snapshot writes it once more, harmlessly.
                 e.dirty = false;
             }
@@ -1107,18 +1197,9 @@ impl ItemStage {
             {
                 continue;
             }
-            let mut sums: FastMap<Key, (u64, FastMap<Key, u64>)> = FastMap::default();
-            let from = codec::state_key(kg, PANES.tag, &codec::ordered_i64(first));
-            let to = codec::state_key(kg, PANES.tag, &codec::ordered_i64(last + 1));
-            tier.store.scan(&from, &to, &mut |key, value| {
-                let item = std::str::from_utf8(&key[3 + 8..])
-                    .map_err(|_| crate::Error::CorruptState("item key is not UTF-8".into()))?;
-                let (pop, row) = sums.entry(Key::from(item)).or_default();
-                *pop += decode_entry(value, |k, c| {
-                    *row.entry(Key::from(k)).or_insert(0) += c;
-                })?;
-                Ok(())
-            })?;
+            let mut sums = WindowSums::default();
+            tier.store.scan_panes(kg, first..last + 1, &mut sums)?;
+            let sums = sums.finish();
             let listed = sums.iter().filter(|(_, (pop, _))| *pop > 0);
             let top = top_n_by(
                 listed.clone().map(|(k, (pop, _))| (k, *pop)),
@@ -1223,7 +1304,7 @@ impl ItemStage {
         self.win_heap = 0;
         self.ahead.clear();
         self.win_complete = false;
-        let mut out = BatchWriter::new(tier.store.clone());
+        let mut out = tier.store.writer();
         let panes: Vec<i64> = self.panes.keys().copied().collect();
         for pane in panes {
             if self.hot_bytes() <= target {
@@ -1238,10 +1319,7 @@ impl ItemStage {
             for (id, e) in entries {
                 self.row_heap -= row_bytes(&e.row);
                 if e.dirty {
-                    out.push(StateOp::Put(
-                        pane_key(e.kg, pane, self.dict.key(id)),
-                        encode_entry(&e, &self.dict),
-                    ))?;
+                    put_entry(out.as_mut(), pane, id, &e, &self.dict)?;
                 }
             }
         }
@@ -1300,10 +1378,7 @@ impl ItemStage {
     ) -> Result<()> {
         if let Some(below) = self.expired_below.take() {
             for kg in owned {
-                out.push(StateOp::DeleteRange(
-                    codec::state_key(kg, PANES.tag, &codec::ordered_i64(i64::MIN)),
-                    codec::state_key(kg, PANES.tag, &codec::ordered_i64(below)),
-                ))?;
+                out.delete_panes_below(kg, below)?;
             }
         }
         for (pane, id) in self.dirty.drain(..) {
@@ -1312,39 +1387,33 @@ impl ItemStage {
                 continue;
             };
             e.dirty = false;
-            out.push(StateOp::Put(
-                pane_key(e.kg, pane, self.dict.key(id)),
-                encode_entry(e, &self.dict),
-            ))?;
+            put_entry(out, pane, id, e, &self.dict)?;
         }
         // Listed again from empty: one checkpoint interval's entries are not kept allocated.
         self.dirty.shrink_to_fit();
         Ok(())
     }
 
-    /// Load one pane entry written by [`snapshot`](Self::snapshot). With a store attached
-    /// (which holds the entry), entries beyond half the budget (the stage's least share)
-    /// stay there: their pane is marked cold and they are read on use.
-    pub fn restore(&mut self, kg: u32, key: &[u8], value: &[u8]) -> Result<()> {
-        let pane = codec::from_ordered_i64(key)?;
-        if self
-            .tier
-            .as_ref()
-            .is_some_and(|t| self.hot_bytes() >= t.budget / 2)
-        {
-            self.panes.entry(pane).or_default();
-            self.cold_panes.insert(pane);
-            return Ok(());
+    /// A visitor that loads key group `kg`'s stored pane entries (a restore; see
+    /// [`StateStore::scan_panes`]). With a store attached (which holds the entries), those
+    /// beyond half the budget (the stage's least share) stay there: their pane is marked
+    /// cold and they are read on use.
+    pub fn restorer(&mut self, kg: u32) -> Restorer<'_> {
+        Restorer {
+            stage: self,
+            kg,
+            current: None,
         }
-        let item = std::str::from_utf8(&key[8..])
-            .map_err(|_| crate::Error::CorruptState("item key is not UTF-8".into()))?;
-        let item = self.dict.intern(item);
-        let e = load_entry(value, kg, &mut self.dict)?;
-        self.row_heap += row_bytes(&e.row);
-        if let Some(old) = self.panes.entry(pane).or_default().insert(item, e) {
-            self.row_heap -= row_bytes(&old.row);
-        }
-        Ok(())
+    }
+
+    /// Pane entries whose panes are partly in the store only.
+    pub fn cold_panes(&self) -> usize {
+        self.cold_panes.len()
+    }
+
+    /// Heap bytes of the item dictionary (part of [`hot_bytes`](Self::hot_bytes)).
+    pub fn dict_bytes(&self) -> usize {
+        self.dict.heap_bytes()
     }
 
     /// After restoring all entries: resume at watermark `wm`.
@@ -1361,177 +1430,6 @@ impl ItemStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, EventType};
-    use crate::state::StateManager;
-
-    fn params() -> ItemParams {
-        ItemParams {
-            windowing: Windowing {
-                slide: 1_000,
-                size: 4_000,
-                lateness: 0,
-            },
-            neighbor_limit: 5,
-            top_k: 4,
-            max_excluded: 3,
-            trending_capacity: 6,
-            emit_stats: true,
-            emit_late: false,
-        }
-    }
-
-    /// Drive a stage with a random stream of increments, requests and watermark steps; after
-    /// each step `after_step` runs (maintenance). Returns every output, ItemStats sorted.
-    fn run(stage: &mut ItemStage, mut after_step: impl FnMut(&mut ItemStage)) -> Vec<String> {
-        let kgs = 8;
-        let kg = |item: &str| crate::keygroup::key_group(item.as_bytes(), kgs);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut lines = Vec::new();
-        let mut stats: Vec<ItemStats> = Vec::new();
-        let mut wm = WM_MIN;
-        let mut t = 0i64;
-        for step in 0..3_000u64 {
-            t += (next() % 40) as i64;
-            let ts = t - (next() % 3_000) as i64;
-            let pane = ts.div_euclid(1_000);
-            let item = format!("i{}", next() % 60);
-            let mut out = ItemOutput::default();
-            if next() % 3 == 0 {
-                let req = RecRequest {
-                    seq: step,
-                    wm,
-                    event: Event {
-                        event_id: format!("e{step}").into(),
-                        user_id: "u".into(),
-                        item_id: item.as_str().into(),
-                        kind: EventType::Click,
-                        ts,
-                    },
-                    weight: 1 + (next() % 3) as u32,
-                    late: params().windowing.is_late(ts, wm),
-                    excluded: vec![format!("i{}", next() % 60).into()],
-                };
-                stage.request(req, kg(&item), &mut out).unwrap();
-            } else if !params().windowing.is_late(ts, wm) {
-                let other = format!("i{}", next() % 60);
-                let w = 1 + next() % 4;
-                stage
-                    .apply(kg(&item), pane, &item, Some(&other), w)
-                    .unwrap();
-            }
-            if step % 50 == 49 {
-                wm = wm.max(t - 2_500);
-                stage.advance(wm, &mut out, &mut stats).unwrap();
-            }
-            for r in &out.recs {
-                lines.push(format!("{:?}", r.rec));
-            }
-            for (end, top) in &out.trending {
-                lines.push(format!("trending {end} {top:?}"));
-            }
-            after_step(stage);
-        }
-        let mut out = ItemOutput::default();
-        stage.advance(WM_MAX, &mut out, &mut stats).unwrap();
-        for (end, top) in &out.trending {
-            lines.push(format!("trending {end} {top:?}"));
-        }
-        let mut stats: Vec<String> = stats.iter().map(|s| format!("{s:?}")).collect();
-        stats.sort();
-        lines.extend(stats);
-        lines
-    }
-
-    /// With a budget far below the state, pane entries go to RocksDB and come back, windows
-    /// with cold panes are emitted from the store, and the stage produces exactly what an
-    /// all-in-memory stage produces: recommendations, trending lists and ItemStats.
-    #[test]
-    fn pane_entries_beyond_the_budget_spill_to_the_store_and_the_output_is_unchanged() {
-        let mut memory = ItemStage::new(params());
-        let want = run(&mut memory, |_| {});
-        assert!(want.iter().any(|l| l.starts_with("ItemStats")));
-
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateManager::create(dir.path()).unwrap();
-        // The dictionary (never evicted), about 40 entries, and the dirty list between two
-        // checkpoints.
-        let entries = 40 * 2 * (std::mem::size_of::<(Id, PaneEntry)>() + 1);
-        let budget = memory.dict.heap_bytes() + entries + heap::vec::<(i64, Id)>(256);
-        let mut tiered = ItemStage::new(params());
-        tiered.set_store(state.spill_store(), budget, 0..8);
-        let (mut peak, mut steps) = (0, 0);
-        let got = run(&mut tiered, |s| {
-            steps += 1;
-            if steps % 100 == 0 {
-                let mut out = state.writer();
-                s.snapshot(0..8, &mut out).unwrap();
-                out.finish().unwrap();
-            }
-            s.maintain().unwrap();
-            peak = peak.max(s.hot_bytes());
-        });
-        assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g, w);
-        }
-        assert!(
-            peak <= budget,
-            "hot tier {peak} B after maintenance, budget {budget} B"
-        );
-        assert!(tiered.evictions > 100, "evictions: {}", tiered.evictions);
-        assert!(tiered.loads > 100, "loads: {}", tiered.loads);
-        // Ids are renumbered under the running window's sums and the dirty list, too.
-        assert!(tiered.dict_rebuilds > 0, "the dictionary was never rebuilt");
-    }
-
-    /// A stage restored from a snapshot with a budget far below its state keeps the panes
-    /// beyond half the budget in the store (marked cold) and goes on producing exactly what
-    /// an uninterrupted all-in-memory stage produces.
-    #[test]
-    fn a_restore_beyond_the_budget_leaves_panes_cold_and_the_output_is_unchanged() {
-        let mut memory = ItemStage::new(params());
-        let want = run(&mut memory, |_| {});
-
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateManager::create(dir.path()).unwrap();
-        let budget =
-            memory.dict.heap_bytes() + 2 * 40 * (std::mem::size_of::<(Id, PaneEntry)>() + 1);
-        let (mut steps, mut cold_after_restore) = (0, 0);
-        let got = run(&mut ItemStage::new(params()), |s| {
-            steps += 1;
-            if steps != 1_500 {
-                s.maintain().unwrap();
-                return;
-            }
-            let mut out = state.writer();
-            s.snapshot(0..8, &mut out).unwrap();
-            out.finish().unwrap();
-            let mut restored = ItemStage::new(params());
-            restored.set_store(state.spill_store(), budget, 0..8);
-            for kg in 0..8 {
-                state
-                    .for_each_in(kg, PANES.tag, |key, value| {
-                        let (kg, _, rest) = codec::split_key(key)?;
-                        restored.restore(kg, rest, value)
-                    })
-                    .unwrap();
-            }
-            restored.resume(s.watermark());
-            cold_after_restore = restored.cold_panes.len();
-            *s = restored;
-        });
-        assert!(cold_after_restore > 0, "every pane was loaded");
-        assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g, w);
-        }
-    }
 
     /// The incrementally kept candidates always equal a fresh ranking of the row, including
     /// ties broken by item id and entries climbing into and out of the top.

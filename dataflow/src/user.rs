@@ -6,17 +6,11 @@ use std::sync::Arc;
 
 use super::exchange::{Exchange, RecRequest};
 use super::heap;
+use super::store::{StateStore, StateWriter};
 use super::window::Windowing;
 use super::{FastMap, Key, Stamped};
 use crate::event::EventType;
-use crate::state::{codec, BatchWriter, SpillStore, StateDescriptor, StateOp, StateWriter};
 use crate::Result;
-
-/// The user stage's only state: histories.
-pub const HISTORIES: StateDescriptor = StateDescriptor {
-    name: "histories",
-    tag: b'U',
-};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistEntry {
@@ -45,6 +39,12 @@ const SLOT_BYTES: usize = std::mem::size_of::<(Key, History)>() + 1;
 /// users one table was 300 MB.
 const SHARDS: usize = 64;
 
+/// Heap bytes of the hot tier's tables holding `users` histories in one table (for sizing
+/// budgets in tests of the tiers).
+pub fn history_table_bytes(users: usize) -> usize {
+    heap::table::<(Key, History)>(users)
+}
+
 fn shard(kg: u32) -> usize {
     kg as usize % SHARDS
 }
@@ -63,7 +63,7 @@ pub struct UserParams {
 }
 
 /// Histories in two tiers: a hot in-memory map, bounded by a byte budget, in front of a
-/// [`SpillStore`] (RocksDB) that holds everything else. A history is read from the store on
+/// [`StateStore`] (RocksDB) that holds everything else. A history is read from the store on
 /// first use and stays hot while it is used; when the hot tier outgrows the budget, the least
 /// recently used histories leave it, the changed ones written back in one batch. Without a
 /// store (or with a budget nothing outgrows) every history stays in memory.
@@ -76,7 +76,7 @@ pub struct UserStage {
     /// Users (key group, id) whose history became dirty since the last snapshot, each
     /// listed once.
     dirty: Vec<(u32, Key)>,
-    store: Option<Arc<dyn SpillStore>>,
+    store: Option<Arc<dyn StateStore>>,
     budget: usize,
     /// Heap bytes of the hot tier's entries (see `entry_bytes`; the table is added by
     /// `hot_bytes()`).
@@ -105,7 +105,7 @@ impl UserStage {
 
     /// Back the stage with `store` and keep at most about `budget` bytes of histories in
     /// memory. The store must hold every history not in memory (a restored checkpoint does).
-    pub fn set_store(&mut self, store: Arc<dyn SpillStore>, budget: usize) {
+    pub fn set_store(&mut self, store: Arc<dyn StateStore>, budget: usize) {
         self.store = Some(store);
         self.budget = budget;
     }
@@ -147,10 +147,7 @@ impl UserStage {
         let table = &mut self.histories[shard(kg)];
         if !table.contains_key(user) {
             let loaded = match &self.store {
-                Some(store) => store
-                    .get(&codec::state_key(kg, HISTORIES.tag, user.as_bytes()))?
-                    .map(|v| decode_history(&v))
-                    .transpose()?,
+                Some(store) => store.history(kg, user)?,
                 None => None,
             };
             let entries = match loaded {
@@ -306,7 +303,7 @@ impl UserStage {
             return Ok(());
         };
         let round = self.round;
-        let mut out = BatchWriter::new(store.clone());
+        let mut out = store.writer();
         let mut evicted = 0u64;
         let mut freed = 0;
         for table in &mut self.histories {
@@ -316,10 +313,7 @@ impl UserStage {
                     return true;
                 }
                 if h.dirty {
-                    failed = out.push(StateOp::Put(
-                        codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
-                        encode_history(&h.entries),
-                    ));
+                    failed = out.put_history(h.kg, user, &h.entries);
                     if failed.is_err() {
                         return true;
                     }
@@ -341,11 +335,7 @@ impl UserStage {
     /// State changes since the last snapshot.
     pub fn snapshot(&mut self, out: &mut dyn StateWriter) -> Result<()> {
         for (kg, user) in self.deleted.drain(..) {
-            out.push(StateOp::Delete(codec::state_key(
-                kg,
-                HISTORIES.tag,
-                user.as_bytes(),
-            )))?;
+            out.delete_history(kg, &user)?;
         }
         for (kg, user) in self.dirty.drain(..) {
             // Gone (expired: deleted above; evicted: written back then) or already written.
@@ -356,10 +346,7 @@ impl UserStage {
                 continue;
             }
             h.dirty = false;
-            out.push(StateOp::Put(
-                codec::state_key(h.kg, HISTORIES.tag, user.as_bytes()),
-                encode_history(&h.entries),
-            ))?;
+            out.put_history(h.kg, &user, &h.entries)?;
         }
         // Listed again from empty: a checkpoint interval's users are not kept allocated.
         self.deleted.shrink_to_fit();
@@ -391,156 +378,4 @@ fn push(hist: &mut History, entry: HistEntry, n: usize) -> (usize, bool) {
         (entries.capacity() - before) * std::mem::size_of::<HistEntry>(),
         newly_dirty,
     )
-}
-
-fn encode_history(entries: &VecDeque<HistEntry>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(4 + entries.len() * 24);
-    codec::put_u32(&mut v, entries.len() as u32);
-    for e in entries {
-        codec::put_str(&mut v, &e.item);
-        codec::put_u32(&mut v, e.item_kg);
-        codec::put_i64(&mut v, e.ts);
-        v.push(e.kind.as_u8());
-    }
-    v
-}
-
-fn decode_history(value: &[u8]) -> Result<VecDeque<HistEntry>> {
-    let mut r = codec::Reader::new(value);
-    let n = r.u32()? as usize;
-    let mut entries = VecDeque::with_capacity(n);
-    for _ in 0..n {
-        let item = Key::from(r.str()?);
-        let item_kg = r.u32()?;
-        let ts = r.i64()?;
-        let kind = EventType::from_u8(r.u8()?)
-            .ok_or_else(|| crate::Error::CorruptState("bad event type in history".into()))?;
-        entries.push_back(HistEntry {
-            item,
-            item_kg,
-            ts,
-            kind,
-        });
-    }
-    Ok(entries)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{DataflowConfig, GeneratorConfig};
-    use crate::dataflow::exchange::{ExchangeWriter, Payload, Routing};
-    use crate::dataflow::BatchFrame;
-    use crate::source::generator::Generator;
-    use crate::state::StateManager;
-    use std::mem::size_of;
-
-    fn params() -> UserParams {
-        let df = DataflowConfig::default();
-        UserParams {
-            history_length: df.history_length,
-            session_gap: df.session_gap.0,
-            exclude_purchased: true,
-            windowing: Windowing::new(&df),
-        }
-    }
-
-    /// Runs 20 batches of generated events; returns everything the stage sent, in order.
-    fn run(stage: &mut UserStage, mut after_batch: impl FnMut(&mut UserStage)) -> Vec<String> {
-        let gen = Generator::new(GeneratorConfig {
-            users: 300,
-            items: 50,
-            ..GeneratorConfig::default()
-        });
-        let routing = Routing {
-            key_groups: 8,
-            parallelism: 1,
-        };
-        let mut sent = Vec::new();
-        for batch in 0..20u64 {
-            let frame = BatchFrame {
-                end_seq: (batch + 1) * 100,
-                ..BatchFrame::default()
-            };
-            let mut x = ExchangeWriter::new(routing, &frame);
-            for seq in batch * 100..(batch + 1) * 100 {
-                let event = gen.event(0, seq);
-                let kg = routing.key_group(event.user_id.as_bytes());
-                let ev = Stamped {
-                    seq,
-                    wm: event.ts - 60_000,
-                    weight: 1,
-                    event,
-                };
-                stage.process(&ev, kg, &mut x).unwrap();
-            }
-            for m in x.finish().boxes.into_iter().flatten() {
-                let mut line = format!("{:?}", m.key);
-                match m.payload {
-                    Payload::Increments(mut items) => {
-                        items.sort_by(|a, b| a.item.cmp(&b.item));
-                        for i in &mut items {
-                            i.panes.sort_by_key(|(pane, _)| *pane);
-                            for (_, others) in &mut i.panes {
-                                others.sort();
-                            }
-                        }
-                        line += &format!("{items:?}");
-                    }
-                    Payload::Request { req, .. } => {
-                        line += &format!("{:?}", (req.late, req.excluded))
-                    }
-                }
-                sent.push(line);
-            }
-            after_batch(stage);
-        }
-        sent
-    }
-
-    /// With a budget far below the state, histories go to RocksDB and come back on their
-    /// user's next event, the hot tier stays within the budget after every batch, and the
-    /// stage sends exactly what an all-in-memory stage sends.
-    #[test]
-    fn histories_beyond_the_budget_spill_to_the_store_and_come_back() {
-        let mut memory = UserStage::new(params());
-        let want = run(&mut memory, |_| {});
-
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateManager::create(dir.path()).unwrap();
-        // Eight tables (one per key group) of a few users, about four full histories, and
-        // the list of users dirtied in three batches (a checkpoint empties it).
-        let budget = 8 * heap::table::<(Key, History)>(3)
-            + 4 * 20 * size_of::<HistEntry>()
-            + heap::vec::<(u32, Key)>(512);
-        let mut tiered = UserStage::new(params());
-        tiered.set_store(state.spill_store(), budget);
-        let (mut peak, mut batches) = (0, 0);
-        let got = run(&mut tiered, |s| {
-            s.maintain().unwrap();
-            peak = peak.max(s.hot_bytes());
-            batches += 1;
-            if batches % 3 == 0 {
-                let mut out = state.writer();
-                s.snapshot(&mut out).unwrap();
-                out.finish().unwrap();
-            }
-        });
-        assert_eq!(got, want);
-        assert!(
-            peak <= budget,
-            "hot tier {peak} B after maintenance, budget {budget} B"
-        );
-        assert!(tiered.evictions > 100, "evictions: {}", tiered.evictions);
-        assert!(tiered.loads > 100, "loads: {}", tiered.loads);
-        // A snapshot now writes only what changed since the evictions wrote it back.
-        let mut ops = Vec::new();
-        tiered.snapshot(&mut ops).unwrap();
-        assert!(
-            ops.len() <= tiered.users(),
-            "{} ops for {} hot users",
-            ops.len(),
-            tiered.users()
-        );
-    }
 }

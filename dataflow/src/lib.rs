@@ -1,12 +1,19 @@
-//! The recommendation dataflow: a user-keyed stage (sessions → co-visitation increments), an
-//! exchange that re-keys increments by item, and an item-keyed stage (sliding windows,
-//! ItemStats, recommendations). Pure logic: no I/O, no threads (the engine runs it).
+//! The recommendation dataflow (docs/semantics.md): a user-keyed stage (sessions →
+//! co-visitation increments), an exchange that re-keys increments by item, and an item-keyed
+//! stage (sliding windows, ItemStats, recommendations).
+//!
+//! Pure logic: no I/O, no threads (the runtime's engines run it), no storage engine. The
+//! stages keep their hot state in memory within a budget; what is beyond it they reach
+//! through [`store::StateStore`], which the runtime's state layer serves from RocksDB.
 
+pub mod event;
 pub mod exchange;
 pub mod heap;
 pub mod item;
 pub mod json;
+pub mod keygroup;
 pub mod output;
+pub mod store;
 pub mod trending;
 pub mod user;
 pub mod window;
@@ -14,6 +21,19 @@ pub mod window;
 use compact_str::CompactString;
 
 use crate::event::Event;
+/// The job configuration's dataflow parameters (crate `riffle-config`).
+pub(crate) use riffle_config as config;
+
+/// Errors of the dataflow: only its state store can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store behind the hot tiers failed (the storage engine, or a value it could not
+    /// decode); the stage's state is then undefined and the job restarts from a checkpoint.
+    #[error("state store: {0}")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// User and item identifiers (inline up to 24 bytes: no allocation for typical ids).
 pub type Key = CompactString;

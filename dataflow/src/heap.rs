@@ -26,7 +26,7 @@ pub fn vec<T>(capacity: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataflow::FastMap;
+    use crate::FastMap;
 
     #[test]
     fn table_bytes_follow_the_bucket_count() {

@@ -1,0 +1,181 @@
+//! How the dataflow's state is laid out in RocksDB: keys `[key group: u16 BE][tag][rest]`
+//! (one prefix scan per key group and tag; rescaling re-routes whole key groups) and compact
+//! binary values with item ids as strings, so stored state needs no dictionary.
+//!
+//! - histories: `(kg, 'U', user)` → `n:u32 (item:str item_kg:u32 ts:i64 type:u8)*`;
+//! - pane entries: `(kg, 'P', pane as ordered i64, item)` → `pop:u64 n:u32 (item:str w:u64)*`.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use riffle_dataflow::event::EventType;
+use riffle_dataflow::store::PaneVisitor;
+use riffle_dataflow::user::HistEntry;
+use riffle_dataflow::Key;
+
+use super::codec::{self, Reader};
+use super::{StateDescriptor, StateOp};
+use crate::{Error, Result};
+
+/// The user stage's state: histories.
+pub const HISTORIES: StateDescriptor = StateDescriptor {
+    name: "histories",
+    tag: b'U',
+};
+
+/// The item stage's state: per (pane, item) popularity and co-visitation row.
+pub const PANES: StateDescriptor = StateDescriptor {
+    name: "panes",
+    tag: b'P',
+};
+
+pub fn history_key(kg: u32, user: &str) -> Vec<u8> {
+    codec::state_key(kg, HISTORIES.tag, user.as_bytes())
+}
+
+pub fn put_history(kg: u32, user: &str, entries: &VecDeque<HistEntry>) -> StateOp {
+    let mut v = Vec::with_capacity(4 + entries.len() * 24);
+    codec::put_u32(&mut v, entries.len() as u32);
+    for e in entries {
+        codec::put_str(&mut v, &e.item);
+        codec::put_u32(&mut v, e.item_kg);
+        codec::put_i64(&mut v, e.ts);
+        v.push(e.kind.as_u8());
+    }
+    StateOp::Put(history_key(kg, user), v)
+}
+
+pub fn decode_history(value: &[u8]) -> Result<VecDeque<HistEntry>> {
+    let mut r = Reader::new(value);
+    let n = r.u32()? as usize;
+    let mut entries = VecDeque::with_capacity(n);
+    for _ in 0..n {
+        let item = Key::from(r.str()?);
+        let item_kg = r.u32()?;
+        let ts = r.i64()?;
+        let kind = EventType::from_u8(r.u8()?)
+            .ok_or_else(|| Error::CorruptState("bad event type in history".into()))?;
+        entries.push_back(HistEntry {
+            item,
+            item_kg,
+            ts,
+            kind,
+        });
+    }
+    Ok(entries)
+}
+
+/// The key of a pane entry: `(key group, 'P', pane, item)`.
+pub fn pane_key(kg: u32, pane: i64, item: &str) -> Vec<u8> {
+    let mut rest = Vec::with_capacity(8 + item.len());
+    rest.extend_from_slice(&codec::ordered_i64(pane));
+    rest.extend_from_slice(item.as_bytes());
+    codec::state_key(kg, PANES.tag, &rest)
+}
+
+/// The key range `[from, to)` of key group `kg`'s entries in `panes`.
+pub fn pane_range(kg: u32, panes: Range<i64>) -> (Vec<u8>, Vec<u8>) {
+    (
+        codec::state_key(kg, PANES.tag, &codec::ordered_i64(panes.start)),
+        codec::state_key(kg, PANES.tag, &codec::ordered_i64(panes.end)),
+    )
+}
+
+/// (pane, item) of a pane entry's key.
+pub fn split_pane_key(key: &[u8]) -> Result<(i64, &str)> {
+    let (_, _, rest) = codec::split_key(key)?;
+    let pane = codec::from_ordered_i64(rest)?;
+    let item = std::str::from_utf8(&rest[8..])
+        .map_err(|_| Error::CorruptState("item key is not UTF-8".into()))?;
+    Ok((pane, item))
+}
+
+pub fn put_pane_entry(
+    kg: u32,
+    pane: i64,
+    item: &str,
+    popularity: u64,
+    neighbors: &mut dyn ExactSizeIterator<Item = (&str, u64)>,
+) -> StateOp {
+    let mut v = Vec::with_capacity(12 + neighbors.len() * 20);
+    codec::put_u64(&mut v, popularity);
+    codec::put_u32(&mut v, neighbors.len() as u32);
+    for (k, w) in neighbors {
+        codec::put_str(&mut v, k);
+        codec::put_u64(&mut v, w);
+    }
+    StateOp::Put(pane_key(kg, pane, item), v)
+}
+
+/// Delete key group `kg`'s entries of every pane below `pane`.
+pub fn delete_panes_below(kg: u32, pane: i64) -> StateOp {
+    let (from, to) = pane_range(kg, i64::MIN..pane);
+    StateOp::DeleteRange(from, to)
+}
+
+/// A pane entry's popularity; its neighbours go to `neighbor`.
+pub fn decode_pane_entry(value: &[u8], neighbor: &mut dyn FnMut(&str, u64)) -> Result<u64> {
+    let mut r = Reader::new(value);
+    let pop = r.u64()?;
+    let n = r.u32()? as usize;
+    for _ in 0..n {
+        let k = r.str()?;
+        neighbor(k, r.u64()?);
+    }
+    Ok(pop)
+}
+
+/// Hand a stored pane entry to `visit`.
+pub fn visit_pane_entry(key: &[u8], value: &[u8], visit: &mut dyn PaneVisitor) -> Result<()> {
+    let (pane, item) = split_pane_key(key)?;
+    let mut r = Reader::new(value);
+    visit.entry(pane, item, r.u64()?);
+    let n = r.u32()? as usize;
+    for _ in 0..n {
+        let k = r.str()?;
+        visit.neighbor(k, r.u64()?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let entries: VecDeque<HistEntry> = [
+            ("a", 3, 10, EventType::View),
+            ("bé", 7, -4, EventType::Purchase),
+        ]
+        .into_iter()
+        .map(|(item, item_kg, ts, kind)| HistEntry {
+            item: item.into(),
+            item_kg,
+            ts,
+            kind,
+        })
+        .collect();
+        let StateOp::Put(key, value) = put_history(5, "u1", &entries) else {
+            panic!("a put")
+        };
+        assert_eq!(key, history_key(5, "u1"));
+        assert_eq!(decode_history(&value).unwrap(), entries);
+        assert!(decode_history(&value[..value.len() - 1]).is_err());
+
+        let row = [("x", 2u64), ("y", 9)];
+        let StateOp::Put(key, value) = put_pane_entry(5, -3, "i", 11, &mut row.iter().copied())
+        else {
+            panic!("a put")
+        };
+        assert_eq!(split_pane_key(&key).unwrap(), (-3, "i"));
+        let mut got = Vec::new();
+        let pop = decode_pane_entry(&value, &mut |k, w| got.push((k.to_string(), w))).unwrap();
+        assert_eq!(pop, 11);
+        assert_eq!(got, [("x".to_string(), 2), ("y".to_string(), 9)]);
+        // Panes sort numerically within a key group, negative ones first.
+        let (from, to) = pane_range(5, -3..0);
+        assert!(from <= key && key < to);
+        assert!(pane_key(5, -4, "zzz") < from && pane_key(5, 0, "") >= to);
+    }
+}
