@@ -29,7 +29,7 @@ use crate::keygroup;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, Stream};
 use crate::source::{Polled, Source};
-use crate::state::{codec, StateManager};
+use crate::state::{self, codec, StateManager};
 use crate::store::{self as objstore, FileStore, ObjectStore};
 use crate::{Error, Result};
 
@@ -183,12 +183,19 @@ impl Engine {
                     .map_or(store.as_ref(), |s| s.as_ref());
                 let same_store = restore_store.is_none();
                 let state = StateManager::restore(&state_dir, from, &base, &manifest, same_store)?;
+                let r = state.restore_stats();
                 tracing::info!(
                     checkpoint = manifest.id,
                     parallelism_then = manifest.parallelism,
                     parallelism_now = cfg.parallelism,
+                    reused_local = r.reused_local,
+                    downloaded_bytes = r.downloaded_bytes,
                     "restoring"
                 );
+                metrics.restore_reused_local.store(r.reused_local, Relaxed);
+                metrics
+                    .restore_downloaded_bytes
+                    .store(r.downloaded_bytes, Relaxed);
                 (state, Some(manifest))
             }
         };
@@ -602,7 +609,7 @@ impl Engine {
         // used up (the next one publishes the closed epoch with its own), never reused for
         // records written after it.
         self.next_id = id + 1;
-        let up = self.state.checkpoint(self.store.as_ref(), id)?;
+        let (up, snap) = self.state.checkpoint(self.store.as_ref(), id)?;
         let manifest = Manifest {
             id,
             job_name: self.cfg.name.clone(),
@@ -619,16 +626,30 @@ impl Engine {
             events_in: self.metrics.events_in.load(Relaxed),
         };
         // The commit point: the checkpoint exists once its manifest does.
-        self.store.put_bytes(
+        let committed = self.store.put_bytes(
             &checkpoint::manifest_key(id),
             &serde_json::to_vec_pretty(&manifest)?,
-        )?;
+        );
+        if let Err(e) = committed {
+            std::fs::remove_dir_all(&snap.dir).map_err(|e| Error::Io {
+                path: snap.dir.clone(),
+                source: e,
+            })?;
+            return Err(e.into());
+        }
+        // Only now may the cut serve a restart on this machine (local recovery).
+        let mut location = self.store.location(&checkpoint::checkpoint_dir(id));
+        let dir = snap.dir.clone();
+        let identity = state::local::identity(&location, manifest.created_at_ms);
+        if let Err(e) = state::keep_local(snap, &identity, &manifest.files) {
+            tracing::warn!(checkpoint = id, error = %e, "could not keep the cut locally");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         self.last_id = id;
         self.next_id = id + 1;
         self.sink.commit(id)?;
         self.source.on_checkpoint_complete(id)?;
         self.collect_garbage()?;
-        let mut location = self.store.location(&checkpoint::checkpoint_dir(id));
         if savepoint {
             location = self.write_savepoint(&manifest)?;
         }

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub checkpoint_duration_ms: AtomicU64,
     pub checkpoint_uploaded_bytes: AtomicU64,
     pub checkpoint_size_bytes: AtomicU64,
+    /// The last restore opened the locally kept snapshot instead of downloading.
+    pub restore_reused_local: AtomicBool,
+    pub restore_downloaded_bytes: AtomicU64,
     pub busy_nanos: AtomicU64,
     /// Events per second over the last second or so, as f64 bits.
     pub rate_bits: AtomicU64,
@@ -95,6 +98,8 @@ impl Default for Metrics {
             checkpoint_duration_ms: AtomicU64::new(0),
             checkpoint_uploaded_bytes: AtomicU64::new(0),
             checkpoint_size_bytes: AtomicU64::new(0),
+            restore_reused_local: AtomicBool::new(false),
+            restore_downloaded_bytes: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
             rate_bits: AtomicU64::new(0),
             users: AtomicU64::new(0),
@@ -142,6 +147,8 @@ pub struct Snapshot {
     pub checkpoint_duration_ms: u64,
     pub checkpoint_uploaded_bytes: u64,
     pub checkpoint_size_bytes: u64,
+    pub restore_reused_local: bool,
+    pub restore_downloaded_bytes: u64,
     pub users: u64,
     pub pane_entries: u64,
     pub busy_ratio_recent: f64,
@@ -209,6 +216,8 @@ impl Metrics {
             checkpoint_duration_ms: self.checkpoint_duration_ms.load(Relaxed),
             checkpoint_uploaded_bytes: self.checkpoint_uploaded_bytes.load(Relaxed),
             checkpoint_size_bytes: self.checkpoint_size_bytes.load(Relaxed),
+            restore_reused_local: self.restore_reused_local.load(Relaxed),
+            restore_downloaded_bytes: self.restore_downloaded_bytes.load(Relaxed),
             users: self.users.load(Relaxed),
             pane_entries: self.pane_entries.load(Relaxed),
             busy_ratio_recent: f64::from_bits(self.busy_recent_bits.load(Relaxed)),
@@ -329,6 +338,18 @@ impl Metrics {
             "gauge",
             "Duration of the last checkpoint.",
             s.checkpoint_duration_ms as f64,
+        );
+        metric(
+            "restore_reused_local",
+            "gauge",
+            "1 if the last restore opened the locally kept snapshot instead of downloading.",
+            f64::from(u8::from(s.restore_reused_local)),
+        );
+        metric(
+            "restore_downloaded_bytes",
+            "gauge",
+            "Bytes the last restore downloaded from the checkpoint store.",
+            s.restore_downloaded_bytes as f64,
         );
         metric(
             "checkpoint_uploaded_bytes",
