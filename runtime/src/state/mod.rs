@@ -379,24 +379,6 @@ impl StateManager {
         })
     }
 
-    /// Cut a checkpoint of the current contents and upload what the store lacks. The cut
-    /// is returned, to be kept ([`keep_local`]) once the checkpoint has committed; it is
-    /// removed if the upload fails.
-    pub fn checkpoint(
-        &mut self,
-        store: &dyn ObjectStore,
-        id: u64,
-    ) -> Result<(UploadStats, LocalSnapshot)> {
-        let snap = self.cut(&format!("snap-{id}"))?;
-        match upload(store, &snap, id, &self.run_id, &mut self.known) {
-            Ok(stats) => Ok((stats, snap)),
-            Err(e) => {
-                fs::remove_dir_all(&snap.dir).at(&snap.dir)?;
-                Err(e)
-            }
-        }
-    }
-
     /// Copy the keys of the key groups `keep` accepts from another database directory (a
     /// downloaded snapshot part) into this one. Returns the number of keys copied.
     pub fn ingest_from(&self, other: &Path, keep: impl Fn(u32) -> bool) -> Result<u64> {
@@ -425,11 +407,6 @@ impl StateManager {
     /// The store keys of table files already uploaded (local name → key).
     pub fn known_files(&self) -> &HashMap<String, String> {
         &self.known
-    }
-
-    /// Forget store keys that garbage collection deleted.
-    pub fn forget(&mut self, deleted: &[String]) {
-        self.known.retain(|_, key| !deleted.contains(key));
     }
 }
 
