@@ -6,15 +6,22 @@
 //! trending fill. Between batches every worker is quiescent, so a checkpoint barrier is
 //! simply "between two batches": no alignment, and the snapshot is consistent by
 //! construction.
+//!
+//! A checkpoint pauses the loop only to write the stages' changed state, close the sink's
+//! epoch and cut a RocksDB checkpoint; an uploader thread uploads it, writes the manifest and
+//! collects garbage, and the loop publishes the epoch at the first batch boundary after it
+//! learns of the commit (`checkpoint::protocol` holds the order; at most one is in flight).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
+use crate::checkpoint::protocol::{Epochs, Failure, Step};
 use crate::checkpoint::{self, Manifest, MANIFEST};
 use crate::config::JobConfig;
 use crate::dataflow::exchange::{merge_inboxes, ExchangeWriter, Outboxes, Routing};
@@ -27,9 +34,9 @@ use crate::dataflow::{share_budget, BatchFrame, Crossing, Stamped};
 use crate::event::DeadLetter;
 use crate::keygroup;
 use crate::metrics::Metrics;
-use crate::sink::{Sink, Stream};
+use crate::sink::{Sink, Stream, SyncJob};
 use crate::source::{Polled, Source};
-use crate::state::StateManager;
+use crate::state::{self, LocalSnapshot, StateManager, UploadStats};
 use crate::store::{self as objstore, FileStore, ObjectStore};
 use crate::{Error, Result};
 
@@ -69,6 +76,9 @@ pub enum Control {
 pub struct CheckpointInfo {
     pub id: u64,
     pub location: String,
+    /// How long the batch loop paused for it (state write-back, epoch close, cut).
+    pub pause_ms: u64,
+    /// From its start to its commit point (the manifest written).
     pub duration_ms: u64,
     pub uploaded_bytes: u64,
     pub size_bytes: u64,
@@ -86,7 +96,6 @@ pub struct Engine {
     cfg: JobConfig,
     source: Box<dyn Source>,
     sink: Box<dyn Sink>,
-    store: Box<dyn ObjectStore>,
     state: StateManager,
     workers: Vec<Worker>,
     routing: Routing,
@@ -95,9 +104,11 @@ pub struct Engine {
     board: TrendingBoard,
     next_seq: u64,
     last_stamp: i64,
-    last_id: u64,
-    /// The checkpoint ids already used in the store (new ones continue after the largest).
-    next_id: u64,
+    /// Checkpoint ids and output epochs.
+    epochs: Epochs,
+    uploader: Uploader,
+    /// The checkpoint between its cut and its outcome.
+    in_flight: Option<InFlight>,
     metrics: Arc<Metrics>,
     control: Option<Receiver<Control>>,
     last_checkpoint_at: Instant,
@@ -162,6 +173,7 @@ impl Engine {
                 hot_peak: 0,
             })
             .collect();
+        let store: Arc<dyn ObjectStore> = Arc::from(store);
         let existing = checkpoint::completed_ids(&store.list("chk-")?);
         let partitions = source.partitions();
         let located = locate(store.as_ref(), &restore)?;
@@ -183,12 +195,19 @@ impl Engine {
                     .map_or(store.as_ref(), |s| s.as_ref());
                 let same_store = restore_store.is_none();
                 let state = StateManager::restore(&state_dir, from, &base, &manifest, same_store)?;
+                let r = state.restore_stats();
                 tracing::info!(
                     checkpoint = manifest.id,
                     parallelism_then = manifest.parallelism,
                     parallelism_now = cfg.parallelism,
+                    reused_local = r.reused_local,
+                    downloaded_bytes = r.downloaded_bytes,
                     "restoring"
                 );
+                metrics.restore_reused_local.store(r.reused_local, Relaxed);
+                metrics
+                    .restore_downloaded_bytes
+                    .store(r.downloaded_bytes, Relaxed);
                 (state, Some(manifest))
             }
         };
@@ -196,11 +215,16 @@ impl Engine {
             partitions,
             cfg.dataflow.max_out_of_orderness.0,
         );
+        let uploader = Uploader::spawn(UploadContext {
+            store,
+            known: state.known_files().clone(),
+            run_id: state.run_id().to_string(),
+            retained: cfg.retained_checkpoints,
+        })?;
         let mut engine = Self {
             cfg,
             source,
             sink,
-            store,
             state,
             workers,
             routing,
@@ -209,8 +233,9 @@ impl Engine {
             tracker,
             board,
             next_seq: 0,
-            last_id: 0,
-            next_id: 1,
+            epochs: Epochs::restored(0, 0),
+            uploader,
+            in_flight: None,
             metrics,
             control: None,
             last_checkpoint_at: Instant::now(),
@@ -229,19 +254,19 @@ impl Engine {
             w.item
                 .set_store(engine.state.spill_store(), share, w.range.clone());
         }
-        if let Some(m) = manifest {
-            engine.restore_from(m)?;
-        }
-        engine.next_id = engine
-            .next_id
-            .max(existing.last().copied().unwrap_or(0) + 1)
-            .max(engine.last_id + 1);
-        if engine.last_id == 0 {
-            // A fresh start: nothing an earlier incarnation left pending may ever be published.
-            engine.sink.recover(0, engine.next_id)?;
-        } else {
-            engine.sink.recover(engine.last_id, engine.next_id)?;
-        }
+        let covered = match manifest {
+            Some(m) => {
+                let id = m.id;
+                engine.restore_from(m)?;
+                id
+            }
+            None => 0,
+        };
+        engine.epochs = Epochs::restored(covered, existing.last().copied().unwrap_or(0));
+        // A fresh start (covered 0) publishes nothing an earlier incarnation left pending.
+        engine
+            .sink
+            .recover(engine.epochs.committed(), engine.epochs.open_epoch())?;
         for p in 0..partitions {
             if engine.source.is_finished(p) {
                 engine.tracker.finish(p);
@@ -277,7 +302,6 @@ impl Engine {
         self.last_stamp = wm;
         self.next_seq = m.next_seq;
         self.board = m.trending;
-        self.last_id = m.id;
         self.metrics.events_in.store(m.events_in, Relaxed);
         self.metrics.checkpoint_last_id.store(m.id, Relaxed);
         Ok(())
@@ -295,8 +319,9 @@ impl Engine {
         &self.state
     }
 
+    /// The newest committed checkpoint (0: none).
     pub fn last_checkpoint_id(&self) -> u64 {
-        self.last_id
+        self.epochs.committed()
     }
 
     /// The history tiers summed over workers: (histories read back from RocksDB, histories
@@ -335,8 +360,8 @@ impl Engine {
         self.latency = Some(hdrhistogram::Histogram::new(3).expect("valid sigfig"));
     }
 
-    /// Run until the (bounded) source is exhausted, then take a final checkpoint; or until a
-    /// stop-with-savepoint, whose savepoint is the last checkpoint.
+    /// Run until the (bounded) source is exhausted, then take a final checkpoint and wait for
+    /// it to commit; or until a stop-with-savepoint, whose savepoint is the last checkpoint.
     pub fn run(&mut self) -> Result<()> {
         while self.step()? {
             self.maybe_checkpoint()?;
@@ -349,20 +374,49 @@ impl Engine {
         Ok(())
     }
 
-    /// Checkpoint if the interval elapsed; serve savepoint requests.
+    /// At a batch boundary: settle a checkpoint whose upload ended, serve savepoint requests,
+    /// and start a checkpoint if the interval elapsed and none is in flight.
     pub fn maybe_checkpoint(&mut self) -> Result<()> {
-        if let Some(rx) = &self.control {
-            let requests: Vec<Control> = rx.try_iter().collect();
-            for Control::Savepoint { stop, reply } in requests {
+        while let Ok(done) = self.uploader.done.try_recv() {
+            // A failed checkpoint is logged and counted there; the job goes on.
+            let _outcome = self.settle(done)?;
+        }
+        let requests: Vec<Control> = match &self.control {
+            Some(rx) => rx.try_iter().collect(),
+            None => Vec::new(),
+        };
+        for Control::Savepoint { stop, reply } in requests {
+            if self.metrics.stopped.load(Relaxed) {
+                let _ = reply.send(Err("the job stopped with a savepoint".into()));
+                continue;
+            }
+            if stop {
+                // Nothing runs after a stopping savepoint: wait for it here.
                 let r = self.checkpoint(true).map_err(|e| e.to_string());
-                if stop && r.is_ok() {
+                if r.is_ok() {
                     self.metrics.stopped.store(true, Relaxed);
                 }
                 let _ = reply.send(r);
+                continue;
+            }
+            self.await_in_flight()?;
+            match self.begin_checkpoint(true) {
+                // Answered once it is complete (`settle`).
+                Ok(()) => {
+                    if let Some(f) = &mut self.in_flight {
+                        f.replies.push(reply);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
             }
         }
-        if self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval.as_std() {
-            self.checkpoint(false)?;
+        if self.epochs.may_start()
+            && !self.metrics.stopped.load(Relaxed)
+            && self.last_checkpoint_at.elapsed() >= self.cfg.checkpoint_interval.as_std()
+        {
+            self.begin_checkpoint(false)?;
         }
         Ok(())
     }
@@ -576,10 +630,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Take a checkpoint (or a self-contained savepoint) at this batch boundary.
+    /// Take a checkpoint (or a self-contained savepoint) at this batch boundary and wait
+    /// until it is complete (a checkpoint already in flight completes first).
     pub fn checkpoint(&mut self, savepoint: bool) -> Result<CheckpointInfo> {
+        // The previous one's failure is its own (logged, and its epoch pending for this one).
+        self.await_in_flight()?;
+        self.begin_checkpoint(savepoint)?;
+        self.await_in_flight()?
+            .ok_or_else(|| Error::Checkpoint("the checkpoint begun is not in flight".into()))?
+    }
+
+    /// The part of a checkpoint the batch loop waits for: write the state back, close the
+    /// sink's epoch, cut; the rest goes to the uploader thread.
+    fn begin_checkpoint(&mut self, savepoint: bool) -> Result<()> {
         let started = Instant::now();
-        let id = self.next_id;
+        let id = self.epochs.open_epoch();
+        // Step::WriteState
         let wm = self.tracker.current();
         let mut out = self.state.writer();
         let (mut users, mut panes) = (0u64, 0u64);
@@ -591,12 +657,23 @@ impl Engine {
             panes += w.item.pane_entries() as u64;
         }
         out.finish()?;
-        self.sink.pre_commit(id)?;
-        // From here on the sink has closed epoch `id`: if this checkpoint fails, its id is
-        // used up (the next one publishes the closed epoch with its own), never reused for
-        // records written after it.
-        self.next_id = id + 1;
-        let up = self.state.checkpoint(self.store.as_ref(), id)?;
+        // Step::CloseEpoch. From here on the sink has closed epoch `id`: if this checkpoint
+        // fails, its id is used up (the next one publishes the closed epoch with its own),
+        // never reused for records written after it.
+        let sync = self.sink.pre_commit(id)?;
+        self.epochs
+            .begin()
+            .map_err(|e| Error::Checkpoint(e.to_string()))?;
+        // Step::Cut
+        let snap = match self.state.cut(&format!("snap-{id}")) {
+            Ok(snap) => snap,
+            Err(e) => {
+                self.epochs
+                    .on_failed(id)
+                    .map_err(|e| Error::Checkpoint(e.to_string()))?;
+                return Err(e);
+            }
+        };
         let manifest = Manifest {
             id,
             job_name: self.cfg.name.clone(),
@@ -604,7 +681,7 @@ impl Engine {
             self_contained: false,
             key_groups: self.cfg.key_groups,
             parallelism: self.cfg.parallelism,
-            files: up.files.clone(),
+            files: Vec::new(),
             sources: self.source.positions(),
             watermark: self.tracker.clone(),
             next_seq: self.next_seq,
@@ -612,55 +689,320 @@ impl Engine {
             trending: self.board.clone(),
             events_in: self.metrics.events_in.load(Relaxed),
         };
-        // The commit point: the checkpoint exists once its manifest does.
-        self.store.put_bytes(
-            &checkpoint::manifest_key(id),
-            &serde_json::to_vec_pretty(&manifest)?,
-        )?;
-        self.last_id = id;
-        self.next_id = id + 1;
-        self.sink.commit(id)?;
-        self.source.on_checkpoint_complete(id)?;
-        self.collect_garbage()?;
-        let mut location = self.store.location(&checkpoint::checkpoint_dir(id));
-        if savepoint {
-            location = self.write_savepoint(&manifest)?;
-        }
-        self.last_checkpoint_at = Instant::now();
-        let info = CheckpointInfo {
+        self.uploader.submit(UploadJob {
             id,
-            location,
-            duration_ms: started.elapsed().as_millis() as u64,
-            uploaded_bytes: up.uploaded_bytes,
-            size_bytes: up.total_bytes,
-        };
+            started,
+            snap,
+            manifest,
+            sync,
+            savepoint,
+        })?;
+        let pause_ms = started.elapsed().as_millis() as u64;
+        self.in_flight = Some(InFlight {
+            id,
+            savepoint,
+            pause_ms,
+            users,
+            panes,
+            replies: Vec::new(),
+        });
+        self.last_checkpoint_at = Instant::now();
         let m = &self.metrics;
-        m.checkpoint_last_id.store(id, Relaxed);
-        m.checkpoints_completed.fetch_add(1, Relaxed);
-        m.checkpoint_duration_ms.store(info.duration_ms, Relaxed);
-        m.checkpoint_uploaded_bytes
-            .store(info.uploaded_bytes, Relaxed);
-        m.checkpoint_size_bytes.store(info.size_bytes, Relaxed);
+        m.checkpoint_pause_ms.store(pause_ms, Relaxed);
+        m.upload_in_progress.store(true, Relaxed);
         m.users.store(users, Relaxed);
         m.pane_entries.store(panes, Relaxed);
-        tracing::info!(
+        tracing::debug!(
             checkpoint = id,
             savepoint,
-            duration_ms = info.duration_ms,
-            uploaded_bytes = info.uploaded_bytes,
-            size_bytes = info.size_bytes,
-            users,
-            pane_entries = panes,
-            "checkpoint completed"
+            pause_ms,
+            "checkpoint cut; uploading"
         );
-        self.checkpoint_log.push(info.clone());
-        Ok(info)
+        Ok(())
+    }
+
+    /// Wait for the checkpoint in flight, if any, and settle it: its outcome.
+    fn await_in_flight(&mut self) -> Result<Option<Result<CheckpointInfo>>> {
+        if self.in_flight.is_none() {
+            return Ok(None);
+        }
+        let done = self
+            .uploader
+            .done
+            .recv()
+            .map_err(|_| Error::Checkpoint("the uploader thread ended".into()))?;
+        self.settle(done).map(Some)
+    }
+
+    /// A checkpoint's outcome reached the loop: publish what it covers (Step::Publish) and
+    /// answer who waits for it. The outer error is the engine's (publishing failed).
+    fn settle(&mut self, done: UploadDone) -> Result<Result<CheckpointInfo>> {
+        let Some(f) = self.in_flight.take().filter(|f| f.id == done.id) else {
+            return Err(Error::Checkpoint(format!(
+                "an outcome for checkpoint {} that is not in flight",
+                done.id
+            )));
+        };
+        let m = &self.metrics;
+        m.upload_in_progress.store(false, Relaxed);
+        let outcome = match done.outcome {
+            Err(e) => {
+                self.epochs
+                    .on_failed(f.id)
+                    .map_err(|e| Error::Checkpoint(e.to_string()))?;
+                m.checkpoints_failed.fetch_add(1, Relaxed);
+                tracing::error!(checkpoint = f.id, savepoint = f.savepoint, error = %e, "checkpoint failed; its output waits for the next checkpoint");
+                Err(e)
+            }
+            Ok(c) => {
+                let through = self
+                    .epochs
+                    .on_committed(f.id)
+                    .map_err(|e| Error::Checkpoint(e.to_string()))?;
+                self.sink.commit(through)?;
+                self.source.on_checkpoint_complete(f.id)?;
+                let info = CheckpointInfo {
+                    id: f.id,
+                    location: c.location,
+                    pause_ms: f.pause_ms,
+                    duration_ms: c.duration_ms,
+                    uploaded_bytes: c.upload.uploaded_bytes,
+                    size_bytes: c.upload.total_bytes,
+                };
+                m.checkpoint_last_id.store(f.id, Relaxed);
+                m.checkpoints_completed.fetch_add(1, Relaxed);
+                m.checkpoint_duration_ms.store(info.duration_ms, Relaxed);
+                m.checkpoint_uploaded_bytes
+                    .store(info.uploaded_bytes, Relaxed);
+                m.checkpoint_size_bytes.store(info.size_bytes, Relaxed);
+                tracing::info!(
+                    checkpoint = f.id,
+                    savepoint = f.savepoint,
+                    pause_ms = info.pause_ms,
+                    duration_ms = info.duration_ms,
+                    uploaded_bytes = info.uploaded_bytes,
+                    size_bytes = info.size_bytes,
+                    users = f.users,
+                    pane_entries = f.panes,
+                    "checkpoint completed"
+                );
+                self.checkpoint_log.push(info.clone());
+                match c.savepoint {
+                    None => Ok(info),
+                    Some(Ok(location)) => Ok(CheckpointInfo { location, ..info }),
+                    Some(Err(e)) => {
+                        tracing::error!(checkpoint = f.id, error = %e, "savepoint copy failed");
+                        Err(e)
+                    }
+                }
+            }
+        };
+        for reply in f.replies {
+            let _ = reply.send(match &outcome {
+                Ok(info) => Ok(info.clone()),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        Ok(outcome)
+    }
+}
+
+/// A checkpoint between its cut and its outcome.
+struct InFlight {
+    id: u64,
+    savepoint: bool,
+    pause_ms: u64,
+    users: u64,
+    panes: u64,
+    /// Savepoint requests answered with its outcome.
+    replies: Vec<Sender<std::result::Result<CheckpointInfo, String>>>,
+}
+
+/// The background half of a checkpoint.
+struct UploadJob {
+    id: u64,
+    started: Instant,
+    snap: LocalSnapshot,
+    /// Everything but the files, which the upload decides.
+    manifest: Manifest,
+    sync: SyncJob,
+    savepoint: bool,
+}
+
+struct UploadDone {
+    id: u64,
+    /// An error before the commit point: the checkpoint does not exist.
+    outcome: Result<Committed>,
+}
+
+struct Committed {
+    location: String,
+    duration_ms: u64,
+    upload: UploadStats,
+    /// The savepoint's location, when one was asked for.
+    savepoint: Option<Result<String>>,
+}
+
+/// The uploader thread: runs the background steps of one checkpoint at a time, in the
+/// order of `checkpoint::protocol`.
+struct Uploader {
+    jobs: Option<Sender<UploadJob>>,
+    done: Receiver<UploadDone>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Uploader {
+    fn spawn(mut ctx: UploadContext) -> Result<Self> {
+        let (jobs, rx) = crossbeam_channel::unbounded::<UploadJob>();
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("riffle-checkpoint".into())
+            .spawn(move || {
+                for job in rx {
+                    let id = job.id;
+                    let outcome = ctx.run(job, &stop);
+                    if done_tx.send(UploadDone { id, outcome }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Io {
+                path: PathBuf::from("riffle-checkpoint"),
+                source: e,
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    fn submit(&self, job: UploadJob) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| Error::Checkpoint("the uploader thread ended".into()))
+    }
+}
+
+impl Drop for Uploader {
+    /// An engine dropped mid-checkpoint (an error, a test's crash) abandons the upload at
+    /// the next step and waits for the thread, so that nothing touches the state directory
+    /// or the store after the engine is gone.
+    fn drop(&mut self) {
+        self.cancel.store(true, Relaxed);
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct UploadContext {
+    store: Arc<dyn ObjectStore>,
+    /// Table files in the store: local name → key.
+    known: HashMap<String, String>,
+    run_id: String,
+    retained: usize,
+}
+
+impl UploadContext {
+    fn run(&mut self, job: UploadJob, cancel: &AtomicBool) -> Result<Committed> {
+        let UploadJob {
+            id,
+            started,
+            snap,
+            mut manifest,
+            sync,
+            savepoint,
+        } = job;
+        let snap_dir = snap.dir.clone();
+        let mut sync = Some(sync);
+        let mut snap = Some(snap);
+        let mut upload = UploadStats::default();
+        let mut committed: Option<Committed> = None;
+        let mut savepoint_at: Option<Result<String>> = None;
+        let mut step = Step::Cut.next(savepoint);
+        while let Some(s) = step.filter(|s| s.in_background()) {
+            step = s.next(savepoint);
+            if cancel.load(Relaxed) && committed.is_none() {
+                remove_dir(&snap_dir);
+                return Err(Error::Stopped(
+                    "the engine was dropped mid-checkpoint".into(),
+                ));
+            }
+            let r = match s {
+                Step::SyncEpochs => sync.take().map_or(Ok(()), |f| f()),
+                Step::Upload => snap.as_ref().map_or(Ok(()), |snap| {
+                    state::upload(self.store.as_ref(), snap, id, &self.run_id, &mut self.known)
+                        .map(|u| upload = u)
+                }),
+                Step::PutManifest => {
+                    manifest.files = upload.files.clone();
+                    self.put_manifest(&manifest).map(|()| {
+                        committed = Some(Committed {
+                            location: self.store.location(&checkpoint::checkpoint_dir(id)),
+                            duration_ms: started.elapsed().as_millis() as u64,
+                            upload: std::mem::take(&mut upload),
+                            savepoint: None,
+                        });
+                    })
+                }
+                Step::CollectGarbage => self.collect_garbage(),
+                Step::CopySavepoint => self
+                    .write_savepoint(&manifest)
+                    .map(|at| savepoint_at = Some(Ok(at))),
+                Step::KeepLocal => match (snap.take(), &committed) {
+                    (Some(snap), Some(c)) => state::keep_local(
+                        snap,
+                        &state::local::identity(&c.location, manifest.created_at_ms),
+                        &manifest.files,
+                    ),
+                    _ => Ok(()),
+                },
+                Step::WriteState | Step::CloseEpoch | Step::Cut | Step::Publish => {
+                    unreachable!("runs on the batch loop")
+                }
+            };
+            if let Err(e) = r {
+                match s.on_failure() {
+                    Failure::NotCommitted => {
+                        remove_dir(&snap_dir);
+                        return Err(e);
+                    }
+                    Failure::SavepointLost => savepoint_at = Some(Err(e)),
+                    Failure::Harmless => {
+                        tracing::warn!(checkpoint = id, step = ?s, error = %e, "after the commit point; the checkpoint stands");
+                    }
+                }
+            }
+        }
+        // A cut not kept (keeping failed) only takes disk.
+        remove_dir(&snap_dir);
+        let mut c = committed.ok_or_else(|| {
+            Error::Checkpoint(format!("checkpoint {id} ended without its commit point"))
+        })?;
+        c.savepoint = savepoint_at;
+        Ok(c)
+    }
+
+    /// The commit point: the checkpoint exists once its manifest does.
+    fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        self.store.put_bytes(
+            &checkpoint::manifest_key(manifest.id),
+            &serde_json::to_vec_pretty(manifest)?,
+        )?;
+        Ok(())
     }
 
     fn collect_garbage(&mut self) -> Result<()> {
         let keys = self.store.list("chk-")?;
         let ids = checkpoint::completed_ids(&keys);
-        for old in checkpoint::expired(&ids, self.cfg.retained_checkpoints) {
+        for old in checkpoint::expired(&ids, self.retained) {
             // Manifest first: a half-deleted checkpoint must not look complete.
             self.store.delete(&checkpoint::manifest_key(old))?;
         }
@@ -690,7 +1032,7 @@ impl Engine {
         for k in &garbage {
             self.store.delete(k)?;
         }
-        self.state.forget(&garbage);
+        self.known.retain(|_, key| !garbage.contains(key));
         Ok(())
     }
 
@@ -714,6 +1056,14 @@ impl Engine {
             &serde_json::to_vec_pretty(&sp)?,
         )?;
         Ok(self.store.location(&dir))
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a local cut");
+        }
     }
 }
 
@@ -995,12 +1345,99 @@ mod tests {
         }
         e.checkpoint(false).unwrap();
         e.run().unwrap();
-        let recs = read_committed(&out, Stream::Recommendations).unwrap();
+        assert_exactly_once(&out, n);
+    }
+
+    /// Exactly one recommendation per event in the committed output.
+    fn assert_exactly_once(out: &Path, n: usize) {
+        let recs = read_committed(out, Stream::Recommendations).unwrap();
         let ids: std::collections::HashSet<String> = recs
             .iter()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eventId"].to_string())
             .collect();
         assert_eq!(recs.len(), n, "every event's recommendation, once");
         assert_eq!(ids.len(), n);
+    }
+
+    #[test]
+    fn failed_background_uploads_lose_and_duplicate_no_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let events: Vec<Event> = (0..6000).map(event).collect();
+        let n = events.len();
+        let mut cfg = JobConfig::local(
+            "flaky-uploads",
+            dir.path(),
+            SourceConfig::Generator(GeneratorConfig::default()),
+        );
+        cfg.key_groups = 4;
+        cfg.max_batch_size = 100;
+        // A checkpoint at (nearly) every batch boundary where none is in flight.
+        cfg.checkpoint_interval = Dur::millis(1);
+        // Every store write fails while `fail` is set: uploads fail before the manifest.
+        let fail = Arc::new(AtomicBool::new(false));
+        let store = |fail: &Arc<AtomicBool>| {
+            let failing = fail.clone();
+            Box::new(FaultyStore::new(
+                FileStore::new(dir.path().join("checkpoints")).unwrap(),
+                move |op, _| op == Op::Put && failing.load(Relaxed),
+            ))
+        };
+        let out = dir.path().join("output");
+        let metrics = Arc::new(Metrics::default());
+        let mut e = Engine::with_store(
+            cfg.clone(),
+            Box::new(MemorySource::from_events(events.clone())),
+            Box::new(FileSink::open(&out, 1).unwrap()),
+            store(&fail),
+            Restore::None,
+            metrics.clone(),
+        )
+        .unwrap();
+        let batches = |e: &mut Engine, k: usize| {
+            for _ in 0..k {
+                assert!(e.step().unwrap());
+                e.maybe_checkpoint().unwrap();
+            }
+        };
+        batches(&mut e, 5);
+        e.checkpoint(false).unwrap();
+        let published = read_committed(&out, Stream::Recommendations).unwrap().len();
+        assert_eq!(published, 500);
+        // Uploads fail in the background while the loop goes on writing later epochs.
+        fail.store(true, Relaxed);
+        batches(&mut e, 10);
+        assert!(e.checkpoint(false).is_err());
+        assert!(metrics.checkpoints_failed.load(Relaxed) >= 1);
+        assert_eq!(
+            read_committed(&out, Stream::Recommendations).unwrap().len(),
+            published,
+            "nothing of a failed checkpoint is published"
+        );
+        // The next checkpoint that commits publishes the failed ones' epochs with its own.
+        fail.store(false, Relaxed);
+        batches(&mut e, 5);
+        e.checkpoint(false).unwrap();
+        assert_eq!(
+            read_committed(&out, Stream::Recommendations).unwrap().len(),
+            2000
+        );
+        // Failing again, then a crash with failed epochs pending: the restore discards them
+        // and the restored run writes those records again.
+        fail.store(true, Relaxed);
+        batches(&mut e, 10);
+        assert!(e.checkpoint(false).is_err());
+        drop(e);
+        fail.store(false, Relaxed);
+        let mut e = Engine::with_store(
+            cfg,
+            Box::new(MemorySource::from_events(events)),
+            Box::new(FileSink::open(&out, 1).unwrap()),
+            store(&fail),
+            Restore::Latest,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        e.run().unwrap();
+        assert_exactly_once(&out, n);
     }
 }

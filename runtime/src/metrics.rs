@@ -24,8 +24,14 @@ pub struct Metrics {
     pub checkpoints_completed: AtomicU64,
     pub checkpoint_last_id: AtomicU64,
     pub checkpoint_duration_ms: AtomicU64,
+    /// How long the last checkpoint paused processing (local mode).
+    pub checkpoint_pause_ms: AtomicU64,
+    pub checkpoints_failed: AtomicU64,
     pub checkpoint_uploaded_bytes: AtomicU64,
     pub checkpoint_size_bytes: AtomicU64,
+    /// The last restore opened the locally kept snapshot instead of downloading.
+    pub restore_reused_local: AtomicBool,
+    pub restore_downloaded_bytes: AtomicU64,
     pub busy_nanos: AtomicU64,
     /// Events per second over the last second or so, as f64 bits.
     pub rate_bits: AtomicU64,
@@ -93,8 +99,12 @@ impl Default for Metrics {
             checkpoints_completed: AtomicU64::new(0),
             checkpoint_last_id: AtomicU64::new(0),
             checkpoint_duration_ms: AtomicU64::new(0),
+            checkpoint_pause_ms: AtomicU64::new(0),
+            checkpoints_failed: AtomicU64::new(0),
             checkpoint_uploaded_bytes: AtomicU64::new(0),
             checkpoint_size_bytes: AtomicU64::new(0),
+            restore_reused_local: AtomicBool::new(false),
+            restore_downloaded_bytes: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
             rate_bits: AtomicU64::new(0),
             users: AtomicU64::new(0),
@@ -140,8 +150,12 @@ pub struct Snapshot {
     pub last_checkpoint_id: u64,
     pub checkpoints_completed: u64,
     pub checkpoint_duration_ms: u64,
+    pub checkpoint_pause_ms: u64,
+    pub checkpoints_failed: u64,
     pub checkpoint_uploaded_bytes: u64,
     pub checkpoint_size_bytes: u64,
+    pub restore_reused_local: bool,
+    pub restore_downloaded_bytes: u64,
     pub users: u64,
     pub pane_entries: u64,
     pub busy_ratio_recent: f64,
@@ -207,8 +221,12 @@ impl Metrics {
             last_checkpoint_id: self.checkpoint_last_id.load(Relaxed),
             checkpoints_completed: self.checkpoints_completed.load(Relaxed),
             checkpoint_duration_ms: self.checkpoint_duration_ms.load(Relaxed),
+            checkpoint_pause_ms: self.checkpoint_pause_ms.load(Relaxed),
+            checkpoints_failed: self.checkpoints_failed.load(Relaxed),
             checkpoint_uploaded_bytes: self.checkpoint_uploaded_bytes.load(Relaxed),
             checkpoint_size_bytes: self.checkpoint_size_bytes.load(Relaxed),
+            restore_reused_local: self.restore_reused_local.load(Relaxed),
+            restore_downloaded_bytes: self.restore_downloaded_bytes.load(Relaxed),
             users: self.users.load(Relaxed),
             pane_entries: self.pane_entries.load(Relaxed),
             busy_ratio_recent: f64::from_bits(self.busy_recent_bits.load(Relaxed)),
@@ -327,8 +345,32 @@ impl Metrics {
         metric(
             "checkpoint_duration_ms",
             "gauge",
-            "Duration of the last checkpoint.",
+            "Duration of the last checkpoint, from its start to its commit point.",
             s.checkpoint_duration_ms as f64,
+        );
+        metric(
+            "checkpoint_pause_ms",
+            "gauge",
+            "How long the last checkpoint paused processing (local mode: state write-back and cut).",
+            s.checkpoint_pause_ms as f64,
+        );
+        metric(
+            "checkpoints_failed_total",
+            "counter",
+            "Checkpoints that failed before their commit point.",
+            s.checkpoints_failed as f64,
+        );
+        metric(
+            "restore_reused_local",
+            "gauge",
+            "1 if the last restore opened the locally kept snapshot instead of downloading.",
+            f64::from(u8::from(s.restore_reused_local)),
+        );
+        metric(
+            "restore_downloaded_bytes",
+            "gauge",
+            "Bytes the last restore downloaded from the checkpoint store.",
+            s.restore_downloaded_bytes as f64,
         );
         metric(
             "checkpoint_uploaded_bytes",

@@ -116,6 +116,34 @@ fn chaos_sigkill_loses_and_duplicates_nothing() {
         "kill points not covered"
     );
     finish(&mut job, &input, Duration::from_secs(600));
+    // Local recovery: a worker restarted on its state directory whose committed state names
+    // the part it kept opens that copy instead of downloading it. Each worker is killed
+    // seconds after its previous start, with a part uploaded and committed every second,
+    // so most restarts reuse.
+    let restores: Vec<String> = job
+        .workers
+        .iter()
+        .flat_map(|w| {
+            let text = strip_ansi(&std::fs::read_to_string(&w.log).unwrap_or_default());
+            text.lines()
+                .filter(|l| l.contains("state restored from one part"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let reused = restores
+        .iter()
+        .filter(|l| l.contains("reused_local=true") && l.contains("downloaded_bytes=0"))
+        .count();
+    eprintln!(
+        "chaos: {} restores from one part, {reused} from the kept local copy",
+        restores.len()
+    );
+    assert!(
+        reused >= 1,
+        "no restart reused its kept part:\n{}",
+        restores.join("\n")
+    );
     let forwarded: i64 = (0..3).filter_map(|i| job.metric(i, "forwarded")).sum();
     assert!(
         forwarded > 0,
@@ -321,4 +349,22 @@ fn an_idle_partition_does_not_hold_windows_back() {
             "open transaction on {t}"
         );
     }
+}
+
+/// A log line without its terminal colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -7,6 +7,10 @@
 //! - `chk-<id>/`: the checkpoint's small RocksDB metadata files and `_manifest.json`, written
 //!   last: a checkpoint exists iff its manifest does (the commit point);
 //! - `savepoints/sp-<id>/`: self-contained copies (every file inside), never garbage-collected.
+//!
+//! [`protocol`] holds the order of a checkpoint's steps and the epoch bookkeeping.
+
+pub mod protocol;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 

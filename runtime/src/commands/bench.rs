@@ -54,6 +54,10 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub checkpoints: usize,
+    /// How long checkpoints paused the batch loop (state write-back, epoch close, cut).
+    pub checkpoint_pause_ms_p50: u64,
+    pub checkpoint_pause_ms_max: u64,
+    /// From a checkpoint's start to its commit point (the upload runs beside processing).
     pub checkpoint_ms_p50: u64,
     pub checkpoint_ms_max: u64,
     pub checkpoint_uploaded_mb_avg: f64,
@@ -104,8 +108,12 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "checkpoints            {} (p50 {} ms, max {} ms)",
-            self.checkpoints, self.checkpoint_ms_p50, self.checkpoint_ms_max
+            "checkpoints            {}: pause p50 {} ms, max {} ms; to commit p50 {} ms, max {} ms",
+            self.checkpoints,
+            self.checkpoint_pause_ms_p50,
+            self.checkpoint_pause_ms_max,
+            self.checkpoint_ms_p50,
+            self.checkpoint_ms_max
         )?;
         writeln!(
             f,
@@ -188,6 +196,8 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         .map(|c| c.duration_ms)
         .collect();
     durations.sort_unstable();
+    let mut pauses: Vec<u64> = engine.checkpoint_log.iter().map(|c| c.pause_ms).collect();
+    pauses.sort_unstable();
     let uploaded: Vec<u64> = engine
         .checkpoint_log
         .iter()
@@ -204,6 +214,8 @@ pub fn run(opts: &BenchOptions, workdir: &Path) -> Result<BenchReport> {
         latency_p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
         latency_p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
         checkpoints: durations.len(),
+        checkpoint_pause_ms_p50: pauses.get(pauses.len() / 2).copied().unwrap_or(0),
+        checkpoint_pause_ms_max: pauses.last().copied().unwrap_or(0),
         checkpoint_ms_p50: durations.get(durations.len() / 2).copied().unwrap_or(0),
         checkpoint_ms_max: durations.last().copied().unwrap_or(0),
         checkpoint_uploaded_mb_avg: uploaded.iter().sum::<u64>() as f64

@@ -11,7 +11,7 @@ use crate::error::IoContext;
 use crate::event::{parse_session_tsv, Event, Validation};
 use crate::metrics::Metrics;
 use crate::sink::memory::MemorySink;
-use crate::sink::{Sink, Stream};
+use crate::sink::{Sink, Stream, SyncJob};
 use crate::source::memory::MemorySource;
 use crate::{Error, Result};
 
@@ -150,7 +150,7 @@ impl Sink for SharedSink {
     fn write(&mut self, stream: Stream, records: &[u8]) -> Result<()> {
         self.0.lock().expect("sink lock").write(stream, records)
     }
-    fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+    fn pre_commit(&mut self, epoch: u64) -> Result<SyncJob> {
         self.0.lock().expect("sink lock").pre_commit(epoch)
     }
     fn commit(&mut self, epoch: u64) -> Result<()> {

@@ -301,11 +301,14 @@ pub enum UploadDone {
 
 /// The uploader thread: uploads parts one at a time, retrying with backoff while the store is
 /// unavailable (the worker keeps processing and committing meanwhile; its committed metadata
-/// keeps naming the previous part).
+/// keeps naming the previous part). An uploaded part stays on local disk as the kept
+/// snapshot (`state::local`) until the next one replaces it.
 pub struct Uploader {
-    tx: Sender<UploadJob>,
+    tx: Option<Sender<UploadJob>>,
     pub done: Receiver<UploadDone>,
     busy: Arc<std::sync::atomic::AtomicBool>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 pub struct UploaderConfig {
@@ -324,22 +327,31 @@ impl Uploader {
         let (tx, rx) = crossbeam_channel::unbounded::<UploadJob>();
         let (done_tx, done) = crossbeam_channel::unbounded();
         let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let b = busy.clone();
-        std::thread::Builder::new()
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, c) = (busy.clone(), cancel.clone());
+        let thread = std::thread::Builder::new()
             .name("riffle-uploader".into())
-            .spawn(move || run_uploader(cfg, rx, done_tx, b))
+            .spawn(move || run_uploader(cfg, rx, done_tx, b, &c))
             .map_err(|e| Error::Io {
                 path: PathBuf::from("riffle-uploader"),
                 source: e,
             })?;
-        Ok(Self { tx, done, busy })
+        Ok(Self {
+            tx: Some(tx),
+            done,
+            busy,
+            cancel,
+            thread: Some(thread),
+        })
     }
 
     pub fn submit(&self, job: UploadJob) {
         if matches!(job, UploadJob::Part { .. }) {
             self.busy.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let _ = self.tx.send(job);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(job);
+        }
     }
 
     /// A part upload is in progress (or queued).
@@ -348,11 +360,31 @@ impl Uploader {
     }
 }
 
-fn retrying<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> T {
+impl Drop for Uploader {
+    /// A worker that rewinds starts anew in the same state directory: its old uploader
+    /// stops (at its next retry or step) before the new one restores there.
+    fn drop(&mut self) {
+        self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `None` once the uploader is cancelled.
+fn retrying<T>(
+    what: &str,
+    cancel: &std::sync::atomic::AtomicBool,
+    mut f: impl FnMut() -> Result<T>,
+) -> Option<T> {
     let mut pause = Duration::from_millis(200);
     loop {
+        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         match f() {
-            Ok(v) => return v,
+            Ok(v) => return Some(v),
             Err(e) => {
                 tracing::warn!(step = what, error = %e, retry_in_ms = pause.as_millis() as u64, "snapshot upload failed; retrying");
                 std::thread::sleep(pause);
@@ -367,6 +399,7 @@ fn run_uploader(
     rx: Receiver<UploadJob>,
     done: Sender<UploadDone>,
     busy: Arc<std::sync::atomic::AtomicBool>,
+    cancel: &std::sync::atomic::AtomicBool,
 ) {
     for job in rx {
         match job {
@@ -375,7 +408,7 @@ fn run_uploader(
                 manifest,
                 savepoint,
             } => {
-                let (key, manifest, stats) = retrying("upload part", || {
+                let uploaded = retrying("upload part", cancel, || {
                     upload_part(
                         cfg.checkpoints.as_ref(),
                         &local,
@@ -384,6 +417,10 @@ fn run_uploader(
                         (*manifest).clone(),
                     )
                 });
+                let Some((key, manifest, stats)) = uploaded else {
+                    let _ = std::fs::remove_dir_all(&local.dir);
+                    return;
+                };
                 let url = cfg.checkpoints.location(&key);
                 let savepoint_part = savepoint.map(|id| {
                     let started = Instant::now();
@@ -403,7 +440,10 @@ fn run_uploader(
                     let copied = loop {
                         match attempt() {
                             Ok(url) => break Ok(url),
-                            Err(e) if started.elapsed() < Duration::from_secs(90) => {
+                            Err(e)
+                                if started.elapsed() < Duration::from_secs(90)
+                                    && !cancel.load(std::sync::atomic::Ordering::SeqCst) =>
+                            {
                                 tracing::warn!(savepoint = %id, error = %e, "savepoint copy failed; retrying");
                                 std::thread::sleep(Duration::from_secs(1));
                             }
@@ -412,7 +452,14 @@ fn run_uploader(
                     };
                     (id_for_answer, copied)
                 });
-                let _ = std::fs::remove_dir_all(&local.dir);
+                // The part exists in the store (its manifest is written): keep the cut for a
+                // restart of this worker, which restores it if its commit names this URL.
+                let dir = local.dir.clone();
+                let identity = crate::state::local::identity(&url, manifest.created_at_ms);
+                if let Err(e) = crate::state::keep_local(local, &identity, &manifest.files) {
+                    tracing::warn!(part = %url, error = %e, "could not keep the part locally");
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 busy.store(false, std::sync::atomic::Ordering::SeqCst);
                 if done
                     .send(UploadDone::Part {
@@ -543,8 +590,9 @@ mod tests {
             serde_json::from_slice(&loc.store.get_bytes(&loc.key).expect("pointer's manifest"))
                 .unwrap();
         let dir = scratch.join(format!("restore-{}", m.seq));
-        let state = StateManager::restore_files(&dir, loc.store.as_ref(), "", &m.files, false)
-            .expect("every file of the committed part is in the store");
+        let state =
+            StateManager::restore_files(&dir, loc.store.as_ref(), "", &m.files, false, None)
+                .expect("every file of the committed part is in the store");
         let mut n = 0;
         state
             .for_each(|_, v| {

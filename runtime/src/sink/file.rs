@@ -6,7 +6,8 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Sink, Stream};
+use super::{Sink, Stream, SyncJob};
+use crate::checkpoint::protocol;
 use crate::error::IoContext;
 use crate::Result;
 
@@ -96,7 +97,7 @@ impl Sink for FileSink {
         w.write_all(records).at(&self.dir)
     }
 
-    fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+    fn pre_commit(&mut self, epoch: u64) -> Result<SyncJob> {
         if let Some((_, (e, _))) = self.open.iter().find(|(_, (e, _))| *e != epoch) {
             return Err(crate::Error::Checkpoint(format!(
                 "file sink: closing epoch {epoch} while epoch {e} is open"
@@ -104,11 +105,28 @@ impl Sink for FileSink {
         }
         for (stream, (e, w)) in self.open.drain() {
             let path = pending_file(&self.dir, stream, e);
-            let f = w.into_inner().map_err(|e| e.into_error()).at(&path)?;
-            f.sync_data().at(&path)?;
+            w.into_inner().map_err(|e| e.into_error()).at(&path)?;
         }
         self.epoch = epoch + 1;
-        Ok(())
+        // Every closed epoch still pending, not only this one: an earlier checkpoint that
+        // failed may have failed to sync its epoch, which this manifest will cover too.
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        for s in Stream::ALL {
+            files.extend(
+                pending_epochs(&self.dir, s)?
+                    .into_iter()
+                    .filter(|(e, _)| *e <= epoch)
+                    .map(|(_, p)| p),
+            );
+            dirs.push(pending_dir(&self.dir, s));
+        }
+        Ok(Box::new(move || {
+            for p in files.iter().chain(&dirs) {
+                File::open(p).and_then(|f| f.sync_all()).at(p)?;
+            }
+            Ok(())
+        }))
     }
 
     fn commit(&mut self, epoch: u64) -> Result<()> {
@@ -132,8 +150,11 @@ impl Sink for FileSink {
     fn recover(&mut self, covered: u64, next: u64) -> Result<()> {
         self.open.clear();
         for s in Stream::ALL {
-            for (e, path) in pending_epochs(&self.dir, s)? {
-                if e > covered {
+            let pending = pending_epochs(&self.dir, s)?;
+            let epochs: Vec<u64> = pending.iter().map(|(e, _)| *e).collect();
+            let discard = protocol::recover(&epochs, covered).discard;
+            for (e, path) in pending {
+                if discard.contains(&e) {
                     fs::remove_file(&path).at(&path)?;
                 }
             }
@@ -177,21 +198,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = FileSink::open(dir.path(), 1).unwrap();
         s.write(Stream::Late, b"a\n").unwrap();
-        s.pre_commit(1).unwrap();
+        s.pre_commit(1).unwrap()().unwrap();
         assert!(read_committed(dir.path(), Stream::Late).unwrap().is_empty());
         s.write(Stream::Late, b"b\n").unwrap();
-        s.pre_commit(2).unwrap();
+        s.pre_commit(2).unwrap()().unwrap();
         s.write(Stream::Late, b"c\n").unwrap(); // epoch 3, never pre-committed
                                                 // crash before commit(2): the restore from checkpoint 1 publishes 1, drops 2 and 3
         let mut r = FileSink::open(dir.path(), 2).unwrap();
         r.recover(1, 2).unwrap();
         assert_eq!(read_committed(dir.path(), Stream::Late).unwrap(), ["a"]);
         r.write(Stream::Late, b"b2\n").unwrap();
-        r.pre_commit(2).unwrap();
+        r.pre_commit(2).unwrap()().unwrap();
         r.commit(2).unwrap();
         assert_eq!(
             read_committed(dir.path(), Stream::Late).unwrap(),
             ["a", "b2"]
         );
+    }
+
+    #[test]
+    fn several_epochs_wait_for_their_checkpoints_and_sync_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileSink::open(dir.path(), 1).unwrap();
+        s.write(Stream::Late, b"a\n").unwrap();
+        let sync1 = s.pre_commit(1).unwrap();
+        // Epoch 2 is written while epoch 1 waits for its upload, and closed too (checkpoint
+        // 1 failed, checkpoint 2 will cover both).
+        s.write(Stream::Late, b"b\n").unwrap();
+        drop(sync1);
+        let sync2 = s.pre_commit(2).unwrap();
+        s.write(Stream::Late, b"c\n").unwrap();
+        sync2().unwrap();
+        assert!(read_committed(dir.path(), Stream::Late).unwrap().is_empty());
+        s.commit(2).unwrap();
+        assert_eq!(
+            read_committed(dir.path(), Stream::Late).unwrap(),
+            ["a", "b"]
+        );
+        // Epoch 3 stays pending until a checkpoint covers it; a restore from 2 drops it.
+        let _never_run = s.pre_commit(3).unwrap();
+        let mut r = FileSink::open(dir.path(), 4).unwrap();
+        r.recover(2, 4).unwrap();
+        assert_eq!(
+            read_committed(dir.path(), Stream::Late).unwrap(),
+            ["a", "b"]
+        );
+        assert!(pending_epochs(dir.path(), Stream::Late).unwrap().is_empty());
     }
 }

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 
-use super::{Sink, Stream};
+use super::{Sink, Stream, SyncJob};
+use crate::checkpoint::protocol;
 use crate::Result;
 
 #[derive(Default)]
@@ -32,11 +33,11 @@ impl Sink for MemorySink {
         Ok(())
     }
 
-    fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+    fn pre_commit(&mut self, epoch: u64) -> Result<SyncJob> {
         for (s, b) in self.open.drain() {
             self.durable.push((epoch, s, b));
         }
-        Ok(())
+        Ok(Box::new(|| Ok(())))
     }
 
     fn commit(&mut self, epoch: u64) -> Result<()> {
@@ -54,7 +55,9 @@ impl Sink for MemorySink {
 
     fn recover(&mut self, covered: u64, _next: u64) -> Result<()> {
         self.open.clear();
-        self.durable.retain(|(e, _, _)| *e <= covered);
+        let pending: Vec<u64> = self.durable.iter().map(|(e, _, _)| *e).collect();
+        let discard = protocol::recover(&pending, covered).discard;
+        self.durable.retain(|(e, _, _)| !discard.contains(e));
         self.commit(covered)
     }
 }

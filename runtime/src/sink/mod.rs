@@ -1,6 +1,7 @@
 //! Sinks: where output goes. Output is transactional: records written between two
 //! checkpoints form an epoch that becomes visible only when the checkpoint covering it
-//! commits (two-phase: `pre_commit` makes the epoch durable, `commit` publishes it).
+//! commits (two-phase: `pre_commit` closes the epoch and hands back what makes it durable,
+//! `commit` publishes it). Several closed epochs may wait for their checkpoint at once.
 
 pub mod file;
 pub mod memory;
@@ -34,12 +35,17 @@ impl Stream {
     }
 }
 
+/// Makes closed epochs durable; see [`Sink::pre_commit`].
+pub type SyncJob = Box<dyn FnOnce() -> Result<()> + Send>;
+
 pub trait Sink: Send {
     /// Append newline-terminated JSON records to the open epoch of `stream`.
     fn write(&mut self, stream: Stream, records: &[u8]) -> Result<()>;
 
-    /// Make epoch `epoch` durable but not visible (phase one; before the manifest is written).
-    fn pre_commit(&mut self, epoch: u64) -> Result<()>;
+    /// Close epoch `epoch` (phase one): records written from now on belong to `epoch + 1`.
+    /// Returns what makes every closed epoch up to `epoch` durable, to run (on any thread)
+    /// before the manifest that covers them is written.
+    fn pre_commit(&mut self, epoch: u64) -> Result<SyncJob>;
 
     /// Publish every durable epoch up to `epoch` (phase two; after the manifest is written).
     fn commit(&mut self, epoch: u64) -> Result<()>;

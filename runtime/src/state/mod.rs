@@ -4,8 +4,12 @@
 //! at checkpoint barriers and evictions (write-through, no read-modify-write per increment),
 //! encoded here ([`records`]). The manager cuts RocksDB checkpoints and uploads only the table
 //! files the store does not have yet.
+//!
+//! After an upload has committed, its cut is kept on local disk ([`keep_local`]) so that a
+//! restart on the same machine restores from it instead of downloading ([`local`]).
 
 pub mod codec;
+pub mod local;
 pub mod records;
 #[cfg(test)]
 mod tiers_tests;
@@ -141,6 +145,15 @@ pub struct LocalSnapshot {
     pub files: Vec<(String, u64)>,
 }
 
+/// Where a restored state came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Opened from the snapshot kept locally after its upload (nothing downloaded).
+    pub reused_local: bool,
+    pub downloaded_bytes: u64,
+    pub downloaded_files: usize,
+}
+
 /// What one checkpoint of the state cost.
 #[derive(Clone, Debug, Default)]
 pub struct UploadStats {
@@ -156,6 +169,7 @@ pub struct StateManager {
     run_id: String,
     /// Table files already in the store: local name → store key.
     known: HashMap<String, String>,
+    restored: RestoreStats,
 }
 
 fn db_options() -> Options {
@@ -188,10 +202,12 @@ impl StateManager {
             dir: dir.to_path_buf(),
             run_id: new_run_id(),
             known: HashMap::new(),
+            restored: RestoreStats::default(),
         })
     }
 
-    /// Download a checkpoint's files into `dir/db` and open it.
+    /// Open a checkpoint of the job's own store in `dir/db`: from the snapshot kept locally
+    /// when it is this checkpoint's, else downloaded.
     pub fn restore(
         dir: &Path,
         store: &dyn ObjectStore,
@@ -200,24 +216,81 @@ impl StateManager {
         same_store: bool,
     ) -> Result<Self> {
         // Files of a savepoint or of another store are not in this store's shared area:
-        // upload them afresh next time.
+        // upload them afresh next time (and no local snapshot is theirs).
         let reuse = !manifest.self_contained && same_store;
-        Self::restore_files(dir, store, base, &manifest.files, reuse)
+        let identity = reuse.then(|| {
+            local::identity(
+                &store.location(&checkpoint::checkpoint_dir(manifest.id)),
+                manifest.created_at_ms,
+            )
+        });
+        Self::restore_files(
+            dir,
+            store,
+            base,
+            &manifest.files,
+            reuse,
+            identity.as_deref(),
+        )
     }
 
-    /// Download snapshot files (keys relative to `base`) into `dir/db` and open it. With
-    /// `reuse`, the table files count as already uploaded to `store` for later checkpoints.
+    /// Open snapshot files (keys relative to `base`) in `dir/db`: hard-linked from the local
+    /// snapshot kept in `dir` if its marker names `identity` and lists exactly `files`, else
+    /// downloaded. With `reuse`, the table files count as already uploaded to `store` for
+    /// later checkpoints.
     pub fn restore_files(
         dir: &Path,
         store: &dyn ObjectStore,
         base: &str,
         files: &[ManifestFile],
         reuse: bool,
+        identity: Option<&str>,
     ) -> Result<Self> {
         let db_dir = dir.join("db");
-        wipe(dir)?;
-        download(store, base, files, &db_dir)?;
-        let db = Arc::new(DB::open(&db_options(), &db_dir)?);
+        let kept = identity.and_then(|id| local::find(dir, id, files));
+        wipe_except_kept(dir)?;
+        let mut opened = None;
+        if let Some(kept) = kept {
+            let bytes = local::link_into(&kept, &db_dir)?;
+            match DB::open(&db_options(), &db_dir) {
+                Ok(db) => {
+                    tracing::info!(dir = %dir.display(), files = files.len(), bytes, "state reused from the local snapshot; nothing downloaded");
+                    opened = Some((
+                        db,
+                        RestoreStats {
+                            reused_local: true,
+                            ..RestoreStats::default()
+                        },
+                    ));
+                }
+                Err(e) => {
+                    // Damaged on disk in a way names and sizes do not show: download instead.
+                    tracing::warn!(dir = %dir.display(), error = %e, "the local snapshot does not open; downloading");
+                    fs::remove_dir_all(&db_dir).at(&db_dir)?;
+                }
+            }
+        }
+        let (db, restored) = match opened {
+            Some(o) => o,
+            None => {
+                // Whatever was kept is not this checkpoint's: it can never match again.
+                local::discard(dir)?;
+                download(store, base, files, &db_dir)?;
+                let stats = RestoreStats {
+                    reused_local: false,
+                    downloaded_bytes: files.iter().map(|f| f.size).sum(),
+                    downloaded_files: files.len(),
+                };
+                tracing::info!(
+                    dir = %dir.display(),
+                    files = stats.downloaded_files,
+                    downloaded_bytes = stats.downloaded_bytes,
+                    "state downloaded"
+                );
+                (DB::open(&db_options(), &db_dir)?, stats)
+            }
+        };
+        let db = Arc::new(db);
         let known = if reuse {
             files
                 .iter()
@@ -232,7 +305,13 @@ impl StateManager {
             dir: dir.to_path_buf(),
             run_id: new_run_id(),
             known,
+            restored,
         })
+    }
+
+    /// How the state was opened (a fresh state reports nothing downloaded, nothing reused).
+    pub fn restore_stats(&self) -> RestoreStats {
+        self.restored
     }
 
     /// The local working directory (snapshots are cut below it).
@@ -326,32 +405,6 @@ impl StateManager {
         })
     }
 
-    /// Cut a checkpoint of the current contents and upload what the store lacks.
-    pub fn checkpoint(&mut self, store: &dyn ObjectStore, id: u64) -> Result<UploadStats> {
-        let snap = self.cut(&format!("snap-{id}"))?;
-        let (uploads, files) = checkpoint::plan_files(id, &self.run_id, &snap.files, &self.known);
-        let mut stats = UploadStats {
-            total_bytes: files.iter().map(|f| f.size).sum(),
-            ..UploadStats::default()
-        };
-        let mut upload = || -> Result<()> {
-            for f in &uploads {
-                store.put_file(&f.key, &snap.dir.join(&f.name))?;
-                stats.uploaded_files += 1;
-                stats.uploaded_bytes += f.size;
-                if f.name.ends_with(".sst") {
-                    self.known.insert(f.name.clone(), f.key.clone());
-                }
-            }
-            Ok(())
-        };
-        let uploaded = upload();
-        fs::remove_dir_all(&snap.dir).at(&snap.dir)?;
-        uploaded?;
-        stats.files = files;
-        Ok(stats)
-    }
-
     /// Copy the keys of the key groups `keep` accepts from another database directory (a
     /// downloaded snapshot part) into this one. Returns the number of keys copied.
     pub fn ingest_from(&self, other: &Path, keep: impl Fn(u32) -> bool) -> Result<u64> {
@@ -380,11 +433,6 @@ impl StateManager {
     /// The store keys of table files already uploaded (local name → key).
     pub fn known_files(&self) -> &HashMap<String, String> {
         &self.known
-    }
-
-    /// Forget store keys that garbage collection deleted.
-    pub fn forget(&mut self, deleted: &[String]) {
-        self.known.retain(|_, key| !deleted.contains(key));
     }
 }
 
@@ -473,6 +521,34 @@ fn write_batch(db: &DB, batch: WriteBatch) -> Result<()> {
     Ok(())
 }
 
+/// Upload what the store lacks of a cut for checkpoint `id` (table files not in `known` go to
+/// `shared/<run_id>-<name>` and are added to `known`); returns the manifest's file list.
+pub fn upload(
+    store: &dyn ObjectStore,
+    snap: &LocalSnapshot,
+    id: u64,
+    run_id: &str,
+    known: &mut HashMap<String, String>,
+) -> Result<UploadStats> {
+    let (uploads, files) = checkpoint::plan_files(id, run_id, &snap.files, known);
+    let mut stats = UploadStats {
+        total_bytes: files.iter().map(|f| f.size).sum(),
+        ..UploadStats::default()
+    };
+    for f in &uploads {
+        store.put_file(&f.key, &snap.dir.join(&f.name))?;
+        stats.uploaded_files += 1;
+        stats.uploaded_bytes += f.size;
+        if f.name.ends_with(".sst") {
+            known.insert(f.name.clone(), f.key.clone());
+        }
+    }
+    stats.files = files;
+    Ok(stats)
+}
+
+pub use local::keep as keep_local;
+
 /// Download snapshot files (keys relative to `base`) into `dest`.
 pub fn download(
     store: &dyn ObjectStore,
@@ -494,6 +570,25 @@ fn wipe(dir: &Path) -> Result<()> {
         fs::remove_dir_all(dir).at(dir)?;
     }
     fs::create_dir_all(dir).at(dir)
+}
+
+/// As [`wipe`], but the kept snapshot and its marker stay (the restore decides about them).
+fn wipe_except_kept(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return fs::create_dir_all(dir).at(dir);
+    }
+    for entry in fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        if local::is_kept(&path) {
+            continue;
+        }
+        if path.is_dir() {
+            fs::remove_dir_all(&path).at(&path)?;
+        } else {
+            fs::remove_file(&path).at(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// `base` is the directory a manifest's keys are relative to ("" for the store root).

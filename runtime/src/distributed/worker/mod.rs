@@ -49,7 +49,7 @@ use crate::event::{self, Event, EventType, Validation};
 use crate::keygroup;
 use crate::metrics::{Metrics, PartitionStatus, WorkerInfo};
 use crate::state::codec::{self, put_i64, put_str, put_u32, Reader};
-use crate::state::{StateManager, StateOp};
+use crate::state::{local, StateManager, StateOp};
 use crate::store as objstore;
 use crate::watermark::WatermarkTracker;
 use crate::{Error, Result};

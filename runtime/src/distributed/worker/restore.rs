@@ -265,16 +265,27 @@ impl Worker {
                     let reuse = !m.self_contained
                         && url.starts_with(&self.checkpoint_url_prefix)
                         && m.worker == self.opts.index;
+                    // Only this worker's own parts can be the one it kept (under that URL).
+                    let identity = reuse.then(|| local::identity(url, m.created_at_ms));
                     let state = StateManager::restore_files(
                         &state_dir,
                         loc.store.as_ref(),
                         &base,
                         &m.files,
                         reuse,
+                        identity.as_deref(),
                     )?;
                     if reuse {
                         *known = state.known_files().clone();
                     }
+                    let r = state.restore_stats();
+                    tracing::info!(part = %url, reused_local = r.reused_local, downloaded_bytes = r.downloaded_bytes, "state restored from one part");
+                    self.metrics
+                        .restore_reused_local
+                        .store(r.reused_local, Relaxed);
+                    self.metrics
+                        .restore_downloaded_bytes
+                        .store(r.downloaded_bytes, Relaxed);
                     self.state = Some(state);
                     true
                 } else {
@@ -285,17 +296,23 @@ impl Worker {
         };
         if !fast {
             self.state = Some(StateManager::create(&state_dir)?);
+            let mut downloaded = 0u64;
             for (url, kgs) in &parts {
                 let (loc, m, base): (Located, PartManifest, String) =
                     snapshot::read_part(url, self.cfg.s3.as_ref())?;
                 let tmp = self.scratch.join(format!("part-{}-{}", m.worker, m.seq));
                 let _ = std::fs::remove_dir_all(&tmp);
                 snapshot::download_part(&loc, &base, &m.files, &tmp)?;
+                downloaded += m.files.iter().map(|f| f.size).sum::<u64>();
                 let want: BTreeSet<u32> = kgs.iter().copied().collect();
                 let n = self.state().ingest_from(&tmp, |kg| want.contains(&kg))?;
                 tracing::info!(part = %url, keys = n, "loaded key groups from a part");
                 let _ = std::fs::remove_dir_all(&tmp);
             }
+            self.metrics.restore_reused_local.store(false, Relaxed);
+            self.metrics
+                .restore_downloaded_bytes
+                .store(downloaded, Relaxed);
         }
         // Route the state to the stages: panes into memory up to the budget, inboxes into
         // memory; histories stay in the database, read on their user's first event.
