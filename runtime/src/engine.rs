@@ -36,9 +36,12 @@ use crate::keygroup;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, Stream, SyncJob};
 use crate::source::{Polled, Source};
-use crate::state::{self, LocalSnapshot, StateManager, UploadStats};
+use crate::state::{self, LocalSnapshot, StateManager, StateOp, UploadStats};
 use crate::store::{self as objstore, FileStore, ObjectStore};
 use crate::{Error, Result};
+
+/// The name of the trending board in the job-wide state.
+const TRENDING: &str = "trending";
 
 /// Where to start from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -301,7 +304,9 @@ impl Engine {
         self.tracker = m.watermark;
         self.last_stamp = wm;
         self.next_seq = m.next_seq;
-        self.board = m.trending;
+        if let Some(board) = self.state.job_state(TRENDING)? {
+            self.board = serde_json::from_slice(&board)?;
+        }
         self.metrics.events_in.store(m.events_in, Relaxed);
         self.metrics.checkpoint_last_id.store(m.id, Relaxed);
         Ok(())
@@ -656,6 +661,11 @@ impl Engine {
             users += w.user.users() as u64;
             panes += w.item.pane_entries() as u64;
         }
+        // The trending board is operator state of the whole job: in the snapshot with the rest.
+        out.push(StateOp::Put(
+            state::records::job_state_key(TRENDING),
+            serde_json::to_vec(&self.board)?,
+        ))?;
         out.finish()?;
         // Step::CloseEpoch. From here on the sink has closed epoch `id`: if this checkpoint
         // fails, its id is used up (the next one publishes the closed epoch with its own),
@@ -686,7 +696,6 @@ impl Engine {
             watermark: self.tracker.clone(),
             next_seq: self.next_seq,
             sink_epoch: id,
-            trending: self.board.clone(),
             events_in: self.metrics.events_in.load(Relaxed),
         };
         self.uploader.submit(UploadJob {

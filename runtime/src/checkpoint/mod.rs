@@ -16,7 +16,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataflow::trending::TrendingBoard;
 use crate::source::SourcePosition;
 use crate::watermark::WatermarkTracker;
 
@@ -49,7 +48,6 @@ pub struct Manifest {
     pub next_seq: u64,
     /// Output epochs up to this one are covered (sink position).
     pub sink_epoch: u64,
-    pub trending: TrendingBoard,
     pub events_in: u64,
 }
 
@@ -214,7 +212,6 @@ mod tests {
             watermark: WatermarkTracker::new(1, 0),
             next_seq: 0,
             sink_epoch: 0,
-            trending: TrendingBoard::default(),
             events_in: 0,
         };
         let shared = vec![

@@ -357,6 +357,11 @@ impl StateManager {
         Ok(())
     }
 
+    /// Job-wide operator state stored under `name` (see [`records::JOB`]).
+    pub fn job_state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(records::job_state_key(name))?)
+    }
+
     /// Visit key group `kg`'s pane entries (a restore: the item stage's
     /// [`restorer`](riffle_dataflow::item::ItemStage::restorer)).
     pub fn scan_panes(&self, kg: u32, visit: &mut dyn PaneVisitor) -> Result<()> {

@@ -3,7 +3,9 @@
 //! binary values with item ids as strings, so stored state needs no dictionary.
 //!
 //! - histories: `(kg, 'U', user)` → `n:u32 (item:str item_kg:u32 ts:i64 type:u8)*`;
-//! - pane entries: `(kg, 'P', pane as ordered i64, item)` → `pop:u64 n:u32 (item:str w:u64)*`.
+//! - pane entries: `(kg, 'P', pane as ordered i64, item)` → `pop:u64 n:u32 (item:str w:u64)*`;
+//! - job-wide operator state (the local engine's trending board) under a key group no job
+//!   has (`JOB_KG`): `(JOB_KG, 'J', name)` → the operator's own encoding.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -28,6 +30,19 @@ pub const PANES: StateDescriptor = StateDescriptor {
     name: "panes",
     tag: b'P',
 };
+
+/// Job-wide operator state, not keyed by anything a key group owns.
+pub const JOB: StateDescriptor = StateDescriptor {
+    name: "job",
+    tag: b'J',
+};
+
+/// The key group of job-wide state: above every job's key groups (at most 32,768).
+pub const JOB_KG: u32 = u16::MAX as u32;
+
+pub fn job_state_key(name: &str) -> Vec<u8> {
+    codec::state_key(JOB_KG, JOB.tag, name.as_bytes())
+}
 
 pub fn history_key(kg: u32, user: &str) -> Vec<u8> {
     codec::state_key(kg, HISTORIES.tag, user.as_bytes())
