@@ -132,22 +132,99 @@ impl Validation {
     }
 }
 
-/// The wire shape, permissive so that every problem gets a precise reason.
+/// The wire shape, permissive so that every problem gets a precise reason. Field values
+/// borrow from the input where they can (strings without escapes): a valid event is parsed
+/// without allocating.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawEvent {
-    event_id: Option<serde_json::Value>,
-    user_id: Option<serde_json::Value>,
-    item_id: Option<serde_json::Value>,
-    #[serde(rename = "type")]
-    kind: Option<serde_json::Value>,
-    ts: Option<serde_json::Value>,
+struct RawEvent<'a> {
+    #[serde(borrow)]
+    event_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    user_id: Option<Field<'a>>,
+    #[serde(borrow)]
+    item_id: Option<Field<'a>>,
+    #[serde(borrow, rename = "type")]
+    kind: Option<Field<'a>>,
+    #[serde(borrow)]
+    ts: Option<Field<'a>>,
 }
 
-fn string_field(v: Option<serde_json::Value>, name: &str) -> Result<CompactString, String> {
+/// One field's value: a string (borrowed unless it had escapes), a number, or anything else
+/// (kept as a JSON value only to name it in the dead-letter reason).
+enum Field<'a> {
+    Str(std::borrow::Cow<'a, str>),
+    Number(serde_json::Number),
+    Other(serde_json::Value),
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Str(s) => write!(f, "{}", serde_json::Value::from(s.as_ref())),
+            Field::Number(n) => write!(f, "{n}"),
+            Field::Other(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Field<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(v.to_owned().into()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Field<'de>, E> {
+                Ok(Field::Str(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+                Ok(Field::Number(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+                Ok(Field::Number(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+                Ok(serde_json::Number::from_f64(v)
+                    .map_or(Field::Other(serde_json::Value::Null), Field::Number))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+                Ok(Field::Other(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Other(serde_json::Value::Null))
+            }
+            fn visit_none<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Other(serde_json::Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
+                let v = serde_json::Value::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(a),
+                )?;
+                Ok(Field::Other(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
+                let v = serde_json::Value::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(a),
+                )?;
+                Ok(Field::Other(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn string_field(v: Option<Field<'_>>, name: &str) -> Result<CompactString, String> {
     match v {
-        Some(serde_json::Value::String(s)) => Ok(CompactString::from(s)),
-        Some(serde_json::Value::Number(n)) => Ok(CompactString::from(n.to_string())),
+        Some(Field::Str(s)) => Ok(CompactString::from(s.as_ref())),
+        Some(Field::Number(n)) => Ok(CompactString::from(n.to_string())),
         Some(other) => Err(format!("field {name} must be a string, got {other}")),
         None => Err(format!("missing field {name}")),
     }
@@ -162,10 +239,10 @@ pub fn parse_json(bytes: &[u8], validation: &Validation) -> Result<Event, String
             MAX_RECORD_BYTES
         ));
     }
-    let raw: RawEvent =
+    let raw: RawEvent<'_> =
         serde_json::from_slice(bytes).map_err(|e| format!("malformed JSON event: {e}"))?;
     let kind_text = match raw.kind {
-        Some(serde_json::Value::String(s)) => s,
+        Some(Field::Str(s)) => s,
         Some(other) => return Err(format!("field type must be a string, got {other}")),
         None => return Err("missing field type".into()),
     };
@@ -173,7 +250,7 @@ pub fn parse_json(bytes: &[u8], validation: &Validation) -> Result<Event, String
         format!("unknown event type {kind_text:?} (expected view, click, cart or purchase)")
     })?;
     let ts = match raw.ts {
-        Some(serde_json::Value::Number(n)) => n
+        Some(Field::Number(n)) => n
             .as_i64()
             .ok_or_else(|| format!("field ts must be an integer epoch millis, got {n}"))?,
         Some(other) => return Err(format!("field ts must be a number, got {other}")),
@@ -288,6 +365,40 @@ mod tests {
             let err = parse_json(raw, &v()).unwrap_err();
             assert!(err.contains(want), "{want:?} not in {err:?}");
         }
+    }
+
+    #[test]
+    fn ids_may_be_escaped_strings_or_numbers_and_other_values_are_named() {
+        let ev = parse_json(
+            br#"{"eventId":"e\"1","userId":42,"itemId":"i\u00e9","type":"view","ts":7,"x":[1]}"#,
+            &v(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                ev.event_id.as_str(),
+                ev.user_id.as_str(),
+                ev.item_id.as_str()
+            ),
+            ("e\"1", "42", "i\u{e9}")
+        );
+        let reason = |raw: &[u8]| parse_json(raw, &v()).unwrap_err();
+        assert_eq!(
+            reason(br#"{"eventId":{"a":[true]},"userId":"u","itemId":"i","type":"view","ts":5}"#),
+            r#"field eventId must be a string, got {"a":[true]}"#
+        );
+        assert_eq!(
+            reason(br#"{"eventId":"e","userId":null,"itemId":"i","type":"view","ts":5}"#),
+            "missing field userId"
+        );
+        assert_eq!(
+            reason(br#"{"eventId":"e","userId":"u","itemId":"i","type":"view","ts":1.5}"#),
+            "field ts must be an integer epoch millis, got 1.5"
+        );
+        assert_eq!(
+            reason(br#"{"eventId":"e","userId":"u","itemId":"i","type":false,"ts":1}"#),
+            "field type must be a string, got false"
+        );
     }
 
     #[test]
