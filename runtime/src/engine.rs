@@ -667,6 +667,7 @@ impl Engine {
             serde_json::to_vec(&self.board)?,
         ))?;
         out.finish()?;
+        let written_ms = started.elapsed().as_millis() as u64;
         // Step::CloseEpoch. From here on the sink has closed epoch `id`: if this checkpoint
         // fails, its id is used up (the next one publishes the closed epoch with its own),
         // never reused for records written after it.
@@ -725,6 +726,7 @@ impl Engine {
             checkpoint = id,
             savepoint,
             pause_ms,
+            written_ms,
             "checkpoint cut; uploading"
         );
         Ok(())
