@@ -953,7 +953,9 @@ def versions():
         except Exception:  # noqa: BLE001
             return "unknown"
     commit = out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+    # This run's own outputs under bench/results do not make the build dirty.
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no",
+                            "--", ".", ":(exclude)bench/results"],
                            capture_output=True, text=True).stdout.strip()
     if os.environ.get("RIFFLE_BIN"):
         built = f"binary RIFFLE_BIN={RIFFLE}, not necessarily from this tree (at {commit})"
