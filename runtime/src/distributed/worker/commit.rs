@@ -201,6 +201,7 @@ impl Worker {
 
     /// Cut a part at this commit boundary and hand it to the uploader.
     pub(super) fn snapshot(&mut self, savepoint: Option<String>) -> Result<()> {
+        let started = Instant::now();
         let mut out = self.state().writer();
         self.user.expire(self.user_wm);
         self.user.snapshot(&mut out)?;
@@ -212,9 +213,18 @@ impl Worker {
             ))?;
         }
         out.finish()?;
+        let written_ms = started.elapsed().as_millis() as u64;
         self.part_seq += 1;
         let name = format!("part-{}", self.part_seq);
         let local = self.state().cut(&name)?;
+        // What the worker's loop waited for (write-back, then the RocksDB cut); the upload
+        // runs on the uploader thread.
+        tracing::info!(
+            seq = self.part_seq,
+            pause_ms = started.elapsed().as_millis() as u64,
+            written_ms,
+            "checkpoint part cut"
+        );
         let groups = self
             .range
             .clone()
