@@ -77,10 +77,15 @@ impl Worker {
                     let m = &metas[kg];
                     let mut inbox = loaded.remove(kg).unwrap_or_default();
                     if m.state.table_gen > inbox.table.gen {
-                        inbox = Inbox::new(
+                        // A part of the previous generation (the savepoint this one started
+                        // from): a new table, and its queued entries still apply, as they did
+                        // at that start.
+                        let mut fresh = Inbox::new(
                             PartitionTable::new(m.state.table_gen, m.state.table_senders),
                             inbox.floor,
                         );
+                        fresh.adopt_queues(inbox);
+                        inbox = fresh;
                     }
                     inboxes.insert(*kg, inbox);
                     self.state_refs.insert(*kg, m.state.clone());
