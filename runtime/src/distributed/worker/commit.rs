@@ -43,14 +43,26 @@ impl Worker {
                     .payload(value.as_slice()),
             )?;
         }
+        let produced = started.elapsed();
         let offsets = self.offsets()?;
         let cgm = self
             .consumer
             .group_metadata()
             .ok_or_else(|| Error::Kafka("consumer has no group metadata".into()))?;
         self.finish_transaction(|p| p.send_offsets_to_transaction(&offsets, &cgm, CALL_TIMEOUT))?;
+        let offsets_sent = started.elapsed();
         self.await_deliveries()?;
+        let delivered = started.elapsed();
         self.finish_transaction(|p| p.commit_transaction(CALL_TIMEOUT))?;
+        // Where a commit's time goes: the worker's own work, the offsets call, waiting for
+        // the broker to acknowledge the transaction's records, the commit call.
+        tracing::debug!(
+            produced_ms = produced.as_secs_f64() * 1e3,
+            offsets_ms = (offsets_sent - produced).as_secs_f64() * 1e3,
+            delivered_ms = (delivered - offsets_sent).as_secs_f64() * 1e3,
+            committed_ms = (started.elapsed() - delivered).as_secs_f64() * 1e3,
+            "commit"
+        );
         {
             let mut d = self.deliveries.lock().expect("deliveries lock");
             for (p, next) in d.changelog_next.drain() {
