@@ -124,11 +124,13 @@ impl Inbox {
         self.queues.values().map(VecDeque::len).sum()
     }
 
-    /// Take over the queued entries of an inbox of an earlier generation (a restore from a
-    /// savepoint starts a new table but the entries still apply).
-    pub fn adopt_queues(&mut self, old: Inbox) {
-        for (k, q) in old.queues {
-            self.queues.entry(k).or_default().extend(q);
+    /// This inbox under a new generation's table and floor (a restore from a savepoint, and
+    /// later restores from the savepoint's part): the old senders are done, their queued
+    /// entries still apply, their barriers do not.
+    pub fn renew(self, table: PartitionTable, floor: i64) -> Self {
+        Self {
+            queues: self.queues,
+            ..Self::new(table, floor)
         }
     }
 
@@ -504,6 +506,10 @@ mod tests {
         let inbox = Inbox::decode(&r.inboxes()[&0].encode()).unwrap();
         assert_eq!(inbox.queued(), 1);
         assert_eq!(inbox.table, r.inboxes()[&0].table);
+        // Renewed for generation 2 (a restore from a savepoint): the queued entry stays.
+        let renewed = inbox.clone().renew(PartitionTable::new(2, 1), S);
+        assert_eq!((renewed.queued(), renewed.floor), (1, S));
+        assert_eq!(renewed.table, PartitionTable::new(2, 1));
         let mut r = Receiver::new(windowing(), [(0, inbox)].into(), r.watermark());
         out.clear();
         // Generation 2 (one worker) starts: generation 1 is done in this partition; its

@@ -80,12 +80,11 @@ impl Worker {
                         // A part of the previous generation (the savepoint this one started
                         // from): a new table, and its queued entries still apply, as they did
                         // at that start.
-                        let mut fresh = Inbox::new(
+                        let floor = inbox.floor;
+                        inbox = inbox.renew(
                             PartitionTable::new(m.state.table_gen, m.state.table_senders),
-                            inbox.floor,
+                            floor,
                         );
-                        fresh.adopt_queues(inbox);
-                        inbox = fresh;
                     }
                     inboxes.insert(*kg, inbox);
                     self.state_refs.insert(*kg, m.state.clone());
@@ -155,9 +154,7 @@ impl Worker {
                         let old = loaded.remove(&kg).unwrap_or_default();
                         // A new generation: the savepoint's senders are done, their queued
                         // entries still apply; frames of older generations are skipped.
-                        let mut inbox = Inbox::new(PartitionTable::new(gen, workers), m.item_wm);
-                        inbox.adopt_queues(old);
-                        inboxes.insert(kg, inbox);
+                        inboxes.insert(kg, old.renew(PartitionTable::new(gen, workers), m.item_wm));
                         through.insert(kg, m.item_wm);
                         // Another job's savepoint (a new StreamJob started from it) names offsets
                         // of that job's exchange topic: this job's is read from its start (the
