@@ -28,8 +28,8 @@ const MAX_AHEAD_WINDOWS: usize = 4;
 /// A dense item number, local to one stage (see [`Dict`]).
 type Id = u32;
 
-/// Rows keyed by dense ids: a row update hashes a `u32`, never a string.
-type Row = FastMap<Id, u64>;
+// Rows keyed by dense ids: a row update hashes a `u32`, never a string.
+use super::row::Row;
 
 /// The stage's item dictionary: ids are handed out in first-seen order and never reused, so
 /// they are only meaningful inside this stage. Snapshots store the item strings, so the
@@ -100,9 +100,7 @@ impl Dict {
     }
 
     fn top(&self, row: &Row, n: usize) -> Vec<(Id, u64)> {
-        top_n_by(row.iter().map(|(k, w)| (*k, *w)), n, |a, b| {
-            self.before(*a, *b)
-        })
+        top_n_by(row.iter(), n, |a, b| self.before(*a, *b))
     }
 }
 
@@ -124,7 +122,11 @@ impl Renumber {
     }
 
     fn row(&mut self, row: &mut Row) {
-        *row = row.drain().map(|(k, w)| (self.id(k), w)).collect();
+        let mut new = Row::with_capacity(row.len());
+        for (k, w) in row.iter() {
+            new.add(self.id(k), w);
+        }
+        *row = new;
     }
 
     fn sums(&mut self, sums: &mut FastMap<Id, WinAgg>) {
@@ -165,7 +167,7 @@ pub fn pane_entry_slot_bytes() -> usize {
 
 /// Heap bytes of a row.
 fn row_bytes(row: &Row) -> usize {
-    heap::table::<(Id, u64)>(row.capacity())
+    row.heap_bytes()
 }
 
 /// One item's sum over the panes of the running window, with its top candidates.
@@ -193,8 +195,8 @@ impl WinAgg {
 
     fn add_pane(&mut self, e: &PaneEntry) {
         self.pop += e.pop;
-        for (k, w) in &e.row {
-            *self.row.entry(*k).or_insert(0) += w;
+        for (k, w) in e.row.iter() {
+            self.row.add(k, w);
         }
         self.top_valid = false;
     }
@@ -202,13 +204,8 @@ impl WinAgg {
     /// Subtract a pane that is part of this sum; returns whether the sum is now empty.
     fn sub_pane(&mut self, e: &PaneEntry) -> bool {
         self.pop -= e.pop;
-        for (k, w) in &e.row {
-            if let Some(v) = self.row.get_mut(k) {
-                *v -= w;
-                if *v == 0 {
-                    self.row.remove(k);
-                }
-            }
+        for (k, w) in e.row.iter() {
+            self.row.sub(k, w);
         }
         self.top_valid = false;
         self.pop == 0 && self.row.is_empty()
@@ -216,10 +213,8 @@ impl WinAgg {
 
     /// Add `w` to `row[j]`, keeping `top` exact; returns whether `j` is new in the row.
     fn add(&mut self, j: Id, w: u64, cap: usize, dict: &Dict) -> bool {
-        let v = self.row.entry(j).or_insert(0);
-        let old = *v;
-        *v += w;
-        let new = *v;
+        let old = self.row.add(j, w);
+        let new = old + w;
         if !self.top_valid || w == 0 || cap == 0 {
             return old == 0;
         }
@@ -377,7 +372,7 @@ fn put_entry(
         pane,
         dict.key(id),
         e.pop,
-        &mut e.row.iter().map(|(k, w)| (dict.key(*k).as_str(), *w)),
+        &mut e.row.iter().map(|(k, w)| (dict.key(k).as_str(), w)),
     )
 }
 
@@ -391,7 +386,7 @@ fn load_entry(
 ) -> Result<Option<PaneEntry>> {
     let mut row = Row::default();
     let pop = store.pane_entry(kg, pane, item, &mut |k, w| {
-        row.insert(dict.intern(k), w);
+        row.add(dict.intern(k), w);
     })?;
     Ok(pop.map(|pop| PaneEntry {
         pop,
@@ -449,7 +444,7 @@ impl PaneVisitor for Restorer<'_> {
 
     fn neighbor(&mut self, item: &str, weight: u64) {
         if let Some((_, _, e)) = &mut self.current {
-            e.row.insert(self.stage.dict.intern(item), weight);
+            e.row.add(self.stage.dict.intern(item), weight);
         }
     }
 }
@@ -683,7 +678,7 @@ impl ItemStage {
         };
         let entries = self.panes.entry(pane).or_default();
         let entry = entries.entry(item).or_insert_with(|| PaneEntry {
-            row: Row::with_capacity_and_hasher(size_hint, Default::default()),
+            row: Row::with_capacity(size_hint),
             ..PaneEntry::default()
         });
         if size_hint > 0 && entry.row.is_empty() {
@@ -699,7 +694,7 @@ impl ItemStage {
             Add::Row(others) => {
                 let before = row_bytes(&entry.row);
                 for &(o, w) in others {
-                    *entry.row.entry(o).or_insert(0) += w;
+                    entry.row.add(o, w);
                 }
                 self.row_heap += row_bytes(&entry.row) - before;
             }

@@ -13,6 +13,7 @@ pub mod item;
 pub mod json;
 pub mod keygroup;
 pub mod output;
+mod row;
 pub mod store;
 pub mod trending;
 pub mod user;
