@@ -7,6 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use riffle_runtime::config::{DataflowConfig, GeneratorConfig};
 use riffle_runtime::dataflow::exchange::{merge_inboxes, ExchangeWriter, Routing};
 use riffle_runtime::dataflow::item::{ItemParams, ItemStage};
+use riffle_runtime::dataflow::output::top_n_by;
 use riffle_runtime::dataflow::user::{UserParams, UserStage};
 use riffle_runtime::dataflow::window::Windowing;
 use riffle_runtime::dataflow::{BatchFrame, Crossing, Stamped};
@@ -115,5 +116,27 @@ fn dataflow_batch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, dataflow_batch);
+/// Top-K selection over one long co-visitation row, its entries in no particular order (as
+/// a hash table yields them): the ranking behind cached candidates and ItemStats neighbours.
+fn ranking(c: &mut Criterion) {
+    const LEN: u32 = 5_000;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let row: Vec<(u32, u64)> = (0..LEN)
+        .map(|id| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Small counts, as in real rows: many ties, decided by the id order.
+            (id.wrapping_mul(2_654_435_761), 1 + x % 4)
+        })
+        .collect();
+    let mut g = c.benchmark_group("ranking");
+    g.throughput(Throughput::Elements(u64::from(LEN)));
+    g.bench_function("top 40 of a 5,000-entry row", |b| {
+        b.iter(|| top_n_by(black_box(&row).iter().copied(), 40, |a, b| a < b))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decode, dataflow_batch, ranking);
 criterion_main!(benches);
