@@ -19,6 +19,8 @@ use super::exchange::{ItemIncrements, Message, Payload, RecRequest};
 use super::output::{top_n_by, ItemStats, LateEvent, Neighbor, Recommendation, Scored, StatsOut};
 use super::window::{Windowing, WM_MAX, WM_MIN};
 use super::{heap, BatchFrame, FastMap, Key};
+// Rows keyed by dense ids: a row update hashes a `u32`, never a string.
+use super::row::Row;
 use crate::store::{PaneVisitor, StateStore, StateWriter};
 use crate::Result;
 
@@ -27,9 +29,6 @@ const MAX_AHEAD_WINDOWS: usize = 4;
 
 /// A dense item number, local to one stage (see [`Dict`]).
 type Id = u32;
-
-// Rows keyed by dense ids: a row update hashes a `u32`, never a string.
-use super::row::Row;
 
 /// The stage's item dictionary: ids are handed out in first-seen order and never reused, so
 /// they are only meaningful inside this stage. Snapshots store the item strings, so the
@@ -165,11 +164,6 @@ pub fn pane_entry_slot_bytes() -> usize {
     std::mem::size_of::<(Id, PaneEntry)>() + 1
 }
 
-/// Heap bytes of a row.
-fn row_bytes(row: &Row) -> usize {
-    row.heap_bytes()
-}
-
 /// One item's sum over the panes of the running window, with its top candidates.
 ///
 /// Between two slides the sum only grows, so the exact top `cap` of the row can be kept up to
@@ -190,7 +184,7 @@ struct WinAgg {
 impl WinAgg {
     /// Heap bytes of the row and the cached candidates.
     fn heap_bytes(&self) -> usize {
-        row_bytes(&self.row) + heap::vec::<(u64, Id)>(self.top.capacity())
+        self.row.heap_bytes() + heap::vec::<(u64, Id)>(self.top.capacity())
     }
 
     fn add_pane(&mut self, e: &PaneEntry) {
@@ -410,9 +404,9 @@ impl Restorer<'_> {
             return;
         };
         let s = &mut *self.stage;
-        s.row_heap += row_bytes(&e.row);
+        s.row_heap += e.row.heap_bytes();
         if let Some(old) = s.panes.entry(pane).or_default().insert(id, e) {
-            s.row_heap -= row_bytes(&old.row);
+            s.row_heap -= old.row.heap_bytes();
         }
     }
 }
@@ -653,7 +647,7 @@ impl ItemStage {
         };
         let key = self.dict.key(item).clone();
         if let Some(e) = load_entry(tier.store.as_ref(), kg, pane, &key, &mut self.dict)? {
-            self.row_heap += row_bytes(&e.row);
+            self.row_heap += e.row.heap_bytes();
             self.loads += 1;
             self.panes.entry(pane).or_default().insert(item, e);
         }
@@ -683,7 +677,7 @@ impl ItemStage {
         });
         if size_hint > 0 && entry.row.is_empty() {
             // Just created: its reserved table counts from now on.
-            self.row_heap += row_bytes(&entry.row);
+            self.row_heap += entry.row.heap_bytes();
         }
         entry.kg = kg;
         if !entry.dirty {
@@ -692,11 +686,11 @@ impl ItemStage {
         }
         match add {
             Add::Row(others) => {
-                let before = row_bytes(&entry.row);
+                let before = entry.row.heap_bytes();
                 for &(o, w) in others {
                     entry.row.add(o, w);
                 }
-                self.row_heap += row_bytes(&entry.row) - before;
+                self.row_heap += entry.row.heap_bytes() - before;
             }
             Add::Pop(w) => entry.pop += w,
         }
@@ -1013,7 +1007,7 @@ impl ItemStage {
         }
         for p in dead {
             if let Some(entries) = self.panes.remove(&p) {
-                self.row_heap -= entries.values().map(|e| row_bytes(&e.row)).sum::<usize>();
+                self.row_heap -= entries.values().map(|e| e.row.heap_bytes()).sum::<usize>();
             }
             self.cold_panes.remove(&p);
         }
@@ -1042,7 +1036,7 @@ impl ItemStage {
                     .range(first..w.pane(end))
                     .map(|(_, m)| {
                         heap::table::<(Id, WinAgg)>(m.capacity())
-                            + m.values().map(|e| row_bytes(&e.row)).sum::<usize>()
+                            + m.values().map(|e| e.row.heap_bytes()).sum::<usize>()
                     })
                     .sum();
                 self.hot_bytes() + parts <= t.budget
@@ -1312,7 +1306,7 @@ impl ItemStage {
             self.cold_panes.insert(pane);
             self.evictions += entries.len() as u64;
             for (id, e) in entries {
-                self.row_heap -= row_bytes(&e.row);
+                self.row_heap -= e.row.heap_bytes();
                 if e.dirty {
                     put_entry(out.as_mut(), pane, id, &e, &self.dict)?;
                 }
@@ -1360,7 +1354,7 @@ impl ItemStage {
             .panes
             .values()
             .flat_map(FastMap::values)
-            .map(|e| row_bytes(&e.row))
+            .map(|e| e.row.heap_bytes())
             .sum();
         self.win_heap = self.win.values().map(WinAgg::heap_bytes).sum();
     }
