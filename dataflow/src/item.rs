@@ -687,6 +687,7 @@ impl ItemStage {
         match add {
             Add::Row(others) => {
                 let before = entry.row.heap_bytes();
+                entry.row.touch(others);
                 for &(o, w) in others {
                     entry.row.add(o, w);
                 }
@@ -698,6 +699,7 @@ impl ItemStage {
         let dict = &self.dict;
         let add_to = |agg: &mut WinAgg| match add {
             Add::Row(others) => {
+                agg.row.touch(others);
                 for &(o, w) in others {
                     agg.add(o, w, cap, dict);
                 }
