@@ -15,7 +15,7 @@
 //! Every message carries a sort key; each receiver merges its inputs by key, which replays
 //! the global read order as far as the semantics need it.
 
-use super::{BatchFrame, FastMap, Key};
+use super::{BatchFrame, Key};
 use crate::event::Event;
 use crate::keygroup;
 
@@ -95,6 +95,9 @@ pub trait Exchange {
     fn request(&mut self, kg: u32, req: RecRequest);
 }
 
+/// An aggregation map: looked up by `&str`, and a new key is made from it only when inserted.
+type AggMap<V> = hashbrown::HashMap<Key, V, rustc_hash::FxBuildHasher>;
+
 /// Reused aggregation maps kept at most (see `ExchangeWriter::spare`), and the largest kept.
 const SPARE_MAPS: usize = 64;
 const SPARE_CAPACITY: usize = 256;
@@ -103,7 +106,7 @@ const SPARE_CAPACITY: usize = 256;
 struct PendingItem {
     kg: u32,
     /// Per pane (an item is rarely incremented in more than two at once): other → weight.
-    panes: Vec<(i64, FastMap<Key, u64>)>,
+    panes: Vec<(i64, AggMap<u64>)>,
 }
 
 /// The sending side of one worker for one batch: outboxes per target worker, sorted by key.
@@ -111,10 +114,10 @@ pub struct ExchangeWriter<'f> {
     routing: Routing,
     frame: &'f BatchFrame,
     next_crossing: usize,
-    pending: FastMap<Key, PendingItem>,
+    pending: AggMap<PendingItem>,
     /// Emptied aggregation maps, reused: one per item and flush would otherwise be allocated
     /// and grown again for nearly every event.
-    spare: Vec<FastMap<Key, u64>>,
+    spare: Vec<AggMap<u64>>,
     outboxes: Vec<Vec<Message>>,
     /// Increments sent and aggregated increments flushed, for the exchange's metrics.
     pub increments_in: u64,
@@ -127,7 +130,7 @@ impl<'f> ExchangeWriter<'f> {
             routing,
             frame,
             next_crossing: 0,
-            pending: FastMap::default(),
+            pending: AggMap::default(),
             spare: Vec::new(),
             outboxes: (0..routing.parallelism).map(|_| Vec::new()).collect(),
             increments_in: 0,
@@ -229,14 +232,14 @@ impl Exchange for ExchangeWriter<'_> {
 
     fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
         self.increments_in += 1;
-        // Look up before inserting: no key is cloned for an entry that exists.
-        let p = match self.pending.get_mut(item.as_str()) {
-            Some(p) => p,
-            None => self.pending.entry(item.clone()).or_insert(PendingItem {
+        // One hash per lookup, and no key is made for an entry that exists.
+        let p = self
+            .pending
+            .entry_ref(item.as_str())
+            .or_insert_with(|| PendingItem {
                 kg,
                 panes: Vec::new(),
-            }),
-        };
+            });
         let others = match p.panes.iter().position(|(p, _)| *p == pane) {
             Some(i) => &mut p.panes[i].1,
             None => {
@@ -244,12 +247,7 @@ impl Exchange for ExchangeWriter<'_> {
                 &mut p.panes.last_mut().expect("pushed").1
             }
         };
-        match others.get_mut(other.as_str()) {
-            Some(w) => *w += weight,
-            None => {
-                others.insert(other.clone(), weight);
-            }
-        }
+        *others.entry_ref(other.as_str()).or_insert(0) += weight;
     }
 
     fn request(&mut self, kg: u32, req: RecRequest) {
