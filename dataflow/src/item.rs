@@ -1434,11 +1434,9 @@ mod tests {
         for cap in [1usize, 5, 40, 100] {
             let mut agg = WinAgg::default();
             agg.ensure_top(cap, &dict);
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut rng = crate::testing::Xorshift(0x9e37_79b9_7f4a_7c15);
             for step in 0..5_000 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = rng.next();
                 let j = ids[(x % ids.len() as u64) as usize];
                 agg.add(j, 1 + (x >> 32) % 3, cap, &dict);
                 let fresh: Vec<(u64, Id)> = dict

@@ -15,6 +15,8 @@ pub mod keygroup;
 pub mod output;
 mod row;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod trending;
 pub mod user;
 pub mod window;

@@ -203,15 +203,10 @@ mod tests {
     /// equal weights so the id order decides.
     #[test]
     fn top_n_equals_a_full_sort() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::testing::Xorshift(0x2545_f491_4f6c_dd1d);
         for len in [0usize, 1, 7, 40, 41, 300, 5_000] {
             let entries: Vec<(u32, u64)> = (0..len as u32)
-                .map(|id| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (id.wrapping_mul(2_654_435_761), x % 9)
-                })
+                .map(|id| (id.wrapping_mul(2_654_435_761), rng.next() % 9))
                 .collect();
             let mut sorted: Vec<(u32, u64)> =
                 entries.iter().copied().filter(|(_, w)| *w > 0).collect();

@@ -296,13 +296,8 @@ mod tests {
     /// `BTreeMap`, through several doublings.
     #[test]
     fn matches_a_map_under_random_adds_and_removals() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::testing::Xorshift(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next();
         for ids in [4u64, 60, 3_000] {
             let mut row = Row::with_capacity((ids / 8) as usize);
             let mut model: BTreeMap<u32, u64> = BTreeMap::new();
