@@ -93,6 +93,10 @@ struct Worker {
     item: ItemStage,
     /// The most heap bytes its two stages held before a maintenance (within a batch).
     hot_peak: usize,
+    /// A batch's recommendations as JSON lines, kept between batches: about a kilobyte per
+    /// event, so a fresh buffer per batch grew to megabytes through reallocations and
+    /// newly faulted pages every time.
+    recs_buf: Vec<u8>,
 }
 
 pub struct Engine {
@@ -174,6 +178,7 @@ impl Engine {
                     emit_late: true,
                 }),
                 hot_peak: 0,
+                recs_buf: Vec::new(),
             })
             .collect();
         let store: Arc<dyn ObjectStore> = Arc::from(store);
@@ -604,8 +609,9 @@ impl Engine {
         let board = &self.board;
         let k = self.cfg.dataflow.top_k;
         let lateness = self.windowing.lateness;
-        let serialised: Vec<[Vec<u8>; 2]> = run_parallel(&mut self.workers, outputs, |_, mut o| {
-            let mut recs = Vec::with_capacity(o.recs.len() * 256);
+        let serialised: Vec<[Vec<u8>; 2]> = run_parallel(&mut self.workers, outputs, |w, mut o| {
+            let mut recs = std::mem::take(&mut w.recs_buf);
+            recs.clear();
             for p in &mut o.recs {
                 board.fill(&mut p.rec.items, k, &p.excluded, p.wm, lateness);
                 p.rec.write_json(&mut recs);
@@ -622,9 +628,10 @@ impl Engine {
             m.windows_emitted.fetch_add(o.windows_emitted, Relaxed);
             [recs, late]
         });
-        for [recs, late] in serialised {
+        for (w, [recs, late]) in self.workers.iter_mut().zip(serialised) {
             self.sink.write(Stream::Recommendations, &recs)?;
             self.sink.write(Stream::Late, &late)?;
+            w.recs_buf = recs;
         }
         let mut dl = Vec::new();
         for d in dead {
