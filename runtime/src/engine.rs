@@ -659,7 +659,7 @@ impl Engine {
         let id = self.epochs.open_epoch();
         // Step::WriteState
         let wm = self.tracker.current();
-        let mut out = self.state.writer();
+        let mut out = self.state.checkpoint_writer();
         let (mut users, mut panes) = (0u64, 0u64);
         for w in &mut self.workers {
             w.user.expire(wm);

@@ -13,6 +13,8 @@ pub mod local;
 pub mod records;
 #[cfg(test)]
 mod tiers_tests;
+#[cfg(test)]
+mod writer_tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -62,29 +64,59 @@ impl StateOp {
 /// Encoded changes beyond this go to the database before more are encoded.
 const BATCH_BYTES: usize = 8 << 20;
 
-/// Changes into the live database in batches of about 8 MiB as they come, so that writing
-/// a checkpoint's or an eviction's changes never holds all of them encoded at once. The
+/// A checkpoint's changes are ingested as table files of about this size: as large as a
+/// flushed memtable, so a checkpoint adds no more level-0 files than flushing them would.
+const INGEST_BYTES: usize = WRITE_BUFFER_BYTES;
+
+/// Changes into the live database in bounded batches as they come, so that writing a
+/// checkpoint's or an eviction's changes never holds all of them encoded at once. The
 /// stages write through it as a [`riffle_dataflow::store::StateWriter`]; the runtime adds
 /// raw ops of its own ([`push`](Self::push)).
+///
+/// An eviction's batches go through the memtable. A checkpoint's ([`StateManager::
+/// checkpoint_writer`]) are sorted and written as table files that RocksDB ingests: the
+/// batch loop waits for a checkpoint's write-back, and inserting it into the memtable and
+/// then flushing it again (to cut) made that pause 1.2-2.3 times as long.
 pub struct BatchWriter {
     db: Arc<DB>,
     pending: Vec<StateOp>,
     bytes: usize,
+    /// Where table files to ingest are written; `None`: through the memtable.
+    ingest: Option<PathBuf>,
+    /// Encoded point ops beyond this are ingested before more are encoded.
+    ingest_bytes: usize,
 }
 
 impl BatchWriter {
-    fn new(db: Arc<DB>) -> Self {
+    fn new(db: Arc<DB>, ingest: Option<PathBuf>) -> Self {
         Self {
             db,
             pending: Vec::new(),
             bytes: 0,
+            ingest,
+            ingest_bytes: INGEST_BYTES,
         }
     }
 
     pub fn push(&mut self, op: StateOp) -> Result<()> {
+        // Range deletes go through the memtable and point ops into table files, each in
+        // batches of their own, in the order they came.
+        let range = matches!(op, StateOp::DeleteRange(..));
+        if self.ingest.is_some()
+            && self
+                .pending
+                .last()
+                .is_some_and(|last| matches!(last, StateOp::DeleteRange(..)) != range)
+        {
+            self.flush()?;
+        }
         self.bytes += op.bytes();
         self.pending.push(op);
-        if self.bytes >= BATCH_BYTES {
+        let limit = match self.ingest {
+            Some(_) if !range => self.ingest_bytes,
+            _ => BATCH_BYTES,
+        };
+        if self.bytes >= limit {
             self.flush()?;
         }
         Ok(())
@@ -97,7 +129,53 @@ impl BatchWriter {
 
     fn flush(&mut self) -> Result<()> {
         self.bytes = 0;
-        apply_ops(&self.db, std::mem::take(&mut self.pending))
+        let ops = std::mem::take(&mut self.pending);
+        match &self.ingest {
+            Some(dir) if !ops.iter().any(|op| matches!(op, StateOp::DeleteRange(..))) => {
+                ingest_ops(&self.db, dir, ops)
+            }
+            _ => apply_ops(&self.db, ops),
+        }
+    }
+}
+
+/// Write point ops as one sorted table file in `dir` and have RocksDB ingest it (moved, not
+/// copied): the same as applying them in order, since a later op on a key replaces an
+/// earlier one and an ingested file is newer than everything in the database.
+fn ingest_ops(db: &DB, dir: &Path, mut ops: Vec<StateOp>) -> Result<()> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    fn key(op: &StateOp) -> &[u8] {
+        match op {
+            StateOp::Put(k, _) | StateOp::Delete(k) | StateOp::DeleteRange(k, _) => k,
+        }
+    }
+    // Stable: of the ops on one key, the last one is the one that counts.
+    ops.sort_by(|a, b| key(a).cmp(key(b)));
+    fs::create_dir_all(dir).at(dir)?;
+    let path = dir.join("checkpoint.sst");
+    let opts = db_options();
+    let mut file = rocksdb::SstFileWriter::create(&opts);
+    file.open(&path)?;
+    for (i, op) in ops.iter().enumerate() {
+        if ops.get(i + 1).is_some_and(|next| key(next) == key(op)) {
+            continue;
+        }
+        match op {
+            StateOp::Put(k, v) => file.put(k, v)?,
+            StateOp::Delete(k) => file.delete(k)?,
+            StateOp::DeleteRange(..) => unreachable!("range deletes are never ingested"),
+        }
+    }
+    file.finish()?;
+    let mut io = rocksdb::IngestExternalFileOptions::default();
+    io.set_move_files(true);
+    db.ingest_external_file_opts(&io, vec![&path])?;
+    // Moved into the database: only a leftover link may remain.
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&path),
+        _ => Ok(()),
     }
 }
 
@@ -335,9 +413,16 @@ impl StateManager {
         apply_ops(&self.db, ops)
     }
 
-    /// A writer into the live database in bounded batches (see [`BatchWriter`]).
+    /// A writer into the live database in bounded batches, through the memtable (see
+    /// [`BatchWriter`]).
     pub fn writer(&self) -> BatchWriter {
-        BatchWriter::new(self.db.clone())
+        BatchWriter::new(self.db.clone(), None)
+    }
+
+    /// A writer for a checkpoint's changes: its batches are ingested as table files (see
+    /// [`BatchWriter`]).
+    pub fn checkpoint_writer(&self) -> BatchWriter {
+        BatchWriter::new(self.db.clone(), Some(self.dir.join("ingest")))
     }
 
     /// The stages' store for what is beyond their hot tiers (the live database: every
@@ -488,7 +573,7 @@ impl StateStore for Spill {
     }
 
     fn writer(&self) -> Box<dyn riffle_dataflow::store::StateWriter + '_> {
-        Box::new(BatchWriter::new(self.0.clone()))
+        Box::new(BatchWriter::new(self.0.clone(), None))
     }
 }
 

@@ -214,7 +214,7 @@ impl Worker {
     /// Cut a part at this commit boundary and hand it to the uploader.
     pub(super) fn snapshot(&mut self, savepoint: Option<String>) -> Result<()> {
         let started = Instant::now();
-        let mut out = self.state().writer();
+        let mut out = self.state().checkpoint_writer();
         self.user.expire(self.user_wm);
         self.user.snapshot(&mut out)?;
         self.item.snapshot(self.range.clone(), &mut out)?;
