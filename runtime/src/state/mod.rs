@@ -74,16 +74,17 @@ const INGEST_BYTES: usize = WRITE_BUFFER_BYTES;
 /// raw ops of its own ([`push`](Self::push)).
 ///
 /// An eviction's batches go through the memtable. A checkpoint's ([`StateManager::
-/// checkpoint_writer`]) are sorted and written as table files that RocksDB ingests: the
-/// batch loop waits for a checkpoint's write-back, and inserting it into the memtable and
-/// then flushing it again (to cut) made that pause 1.2-2.3 times as long.
+/// checkpoint_writer`]) are sorted and written as table files that RocksDB ingests, one per
+/// checkpoint unless its changes are larger: the batch loop waits for a checkpoint's
+/// write-back, and inserting it into the memtable and then flushing it again (to cut) made
+/// that pause 1.2-2.3 times as long.
 pub struct BatchWriter {
     db: Arc<DB>,
     pending: Vec<StateOp>,
     bytes: usize,
     /// Where table files to ingest are written; `None`: through the memtable.
     ingest: Option<PathBuf>,
-    /// Encoded point ops beyond this are ingested before more are encoded.
+    /// Encoded changes beyond this are ingested before more are encoded.
     ingest_bytes: usize,
 }
 
@@ -99,22 +100,11 @@ impl BatchWriter {
     }
 
     pub fn push(&mut self, op: StateOp) -> Result<()> {
-        // Range deletes go through the memtable and point ops into table files, each in
-        // batches of their own, in the order they came.
-        let range = matches!(op, StateOp::DeleteRange(..));
-        if self.ingest.is_some()
-            && self
-                .pending
-                .last()
-                .is_some_and(|last| matches!(last, StateOp::DeleteRange(..)) != range)
-        {
-            self.flush()?;
-        }
         self.bytes += op.bytes();
         self.pending.push(op);
         let limit = match self.ingest {
-            Some(_) if !range => self.ingest_bytes,
-            _ => BATCH_BYTES,
+            Some(_) => self.ingest_bytes,
+            None => BATCH_BYTES,
         };
         if self.bytes >= limit {
             self.flush()?;
@@ -131,41 +121,67 @@ impl BatchWriter {
         self.bytes = 0;
         let ops = std::mem::take(&mut self.pending);
         match &self.ingest {
-            Some(dir) if !ops.iter().any(|op| matches!(op, StateOp::DeleteRange(..))) => {
-                ingest_ops(&self.db, dir, ops)
-            }
-            _ => apply_ops(&self.db, ops),
+            Some(dir) => ingest_ops(&self.db, dir, ops),
+            None => apply_ops(&self.db, ops),
         }
     }
 }
 
-/// Write point ops as one sorted table file in `dir` and have RocksDB ingest it (moved, not
-/// copied): the same as applying them in order, since a later op on a key replaces an
-/// earlier one and an ingested file is newer than everything in the database.
-fn ingest_ops(db: &DB, dir: &Path, mut ops: Vec<StateOp>) -> Result<()> {
-    if ops.is_empty() {
-        return Ok(());
-    }
-    fn key(op: &StateOp) -> &[u8] {
+/// Write a batch of ops as one sorted table file in `dir` and have RocksDB ingest it (moved,
+/// not copied), with the same result as applying them in order: the file is newer than
+/// everything in the database, a later op on a key replaces an earlier one, and a range
+/// delete drops the point ops before it in its range. (Its tombstone in the file covers only
+/// older data: every entry of an ingested file has the same sequence number.) A batch with
+/// no point op to write goes through the memtable: a table file needs one.
+fn ingest_ops(db: &DB, dir: &Path, ops: Vec<StateOp>) -> Result<()> {
+    /// A point op: (position in the batch, key, value; `None`: a delete).
+    type Point<'a> = (usize, &'a [u8], Option<&'a [u8]>);
+    // Sorted by key; stable, so the ops on one key stay in order.
+    let mut points: Vec<Point<'_>> = Vec::with_capacity(ops.len());
+    let mut ranges: Vec<(usize, &[u8], &[u8])> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
         match op {
-            StateOp::Put(k, _) | StateOp::Delete(k) | StateOp::DeleteRange(k, _) => k,
+            StateOp::Put(k, v) => points.push((i, k, Some(v))),
+            StateOp::Delete(k) => points.push((i, k, None)),
+            StateOp::DeleteRange(from, to) => ranges.push((i, from, to)),
         }
     }
-    // Stable: of the ops on one key, the last one is the one that counts.
-    ops.sort_by(|a, b| key(a).cmp(key(b)));
+    points.sort_by(|a, b| a.1.cmp(b.1));
+    let mut keep = vec![true; points.len()];
+    for &(at, from, to) in &ranges {
+        let first = points.partition_point(|p| p.1 < from);
+        for (p, keep) in points[first..].iter().zip(&mut keep[first..]) {
+            if p.1 >= to {
+                break;
+            }
+            if p.0 < at {
+                *keep = false;
+            }
+        }
+    }
+    for (n, p) in points.iter().enumerate() {
+        // Only the last op on a key counts.
+        if points.get(n + 1).is_some_and(|next| next.1 == p.1) {
+            keep[n] = false;
+        }
+    }
+    if !keep.contains(&true) {
+        return apply_ops(db, ops);
+    }
     fs::create_dir_all(dir).at(dir)?;
     let path = dir.join("checkpoint.sst");
     let opts = db_options();
     let mut file = rocksdb::SstFileWriter::create(&opts);
     file.open(&path)?;
-    for (i, op) in ops.iter().enumerate() {
-        if ops.get(i + 1).is_some_and(|next| key(next) == key(op)) {
-            continue;
+    for (p, _) in points.iter().zip(&keep).filter(|(_, keep)| **keep) {
+        match p.2 {
+            Some(v) => file.put(p.1, v)?,
+            None => file.delete(p.1)?,
         }
-        match op {
-            StateOp::Put(k, v) => file.put(k, v)?,
-            StateOp::Delete(k) => file.delete(k)?,
-            StateOp::DeleteRange(..) => unreachable!("range deletes are never ingested"),
+    }
+    for &(_, from, to) in &ranges {
+        if from < to {
+            file.delete_range(from, to)?;
         }
     }
     file.finish()?;

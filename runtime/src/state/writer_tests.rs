@@ -53,7 +53,7 @@ fn ingested_write_back_equals_applying_the_ops_in_order() {
             .collect();
         let mut a = through_memtable.writer();
         let mut b: BatchWriter = ingested.checkpoint_writer();
-        // Several table files per round, not one.
+        // Several table files per round, with range deletes among their ops.
         b.ingest_bytes = 16 << 10;
         for op in ops {
             a.push(op.clone()).unwrap();
