@@ -71,7 +71,6 @@ impl Worker {
         }
         kafka::retry("begin_transaction", || self.producer.begin_transaction())?;
         self.dirty = false;
-        self.last_commit = Instant::now();
         let m = &self.metrics;
         m.commits_completed.fetch_add(1, Relaxed);
         m.commit_duration_ms

@@ -9,6 +9,7 @@
 //! - `commit.rs`: transactions, snapshots, garbage collection;
 //! - `savepoint.rs`: the barrier protocol.
 
+mod cadence;
 mod changelog;
 mod commit;
 mod restore;
@@ -186,7 +187,10 @@ pub struct Worker {
     join: Option<(String, bool)>,
     paused: bool,
     dirty: bool,
-    last_commit: Instant,
+    /// When the next commit is due (see `cadence`).
+    next_commit: Instant,
+    /// A poll found nothing to read since the last commit.
+    caught_up: bool,
     last_checkpoint: Instant,
     last_stats: Instant,
     last_idle_check: Instant,
@@ -476,7 +480,8 @@ impl Worker {
             join: None,
             paused: false,
             dirty: true,
-            last_commit: Instant::now(),
+            next_commit: Instant::now(),
+            caught_up: false,
             last_checkpoint: Instant::now(),
             last_stats: Instant::now(),
             last_idle_check: Instant::now(),
@@ -554,7 +559,6 @@ impl Worker {
 
     /// Run until the process is stopped (or a Kafka failure needs a restart).
     pub fn run(&mut self) -> Result<()> {
-        let commit_interval = self.cfg.commit_interval.as_std();
         loop {
             if self.opts.stop.load(Relaxed) {
                 // A graceful stop leaves no transaction open.
@@ -572,8 +576,8 @@ impl Worker {
             let mut handled = 0;
             while handled < self.cfg.max_batch_size {
                 let wait = if handled == 0 {
-                    commit_interval
-                        .saturating_sub(self.last_commit.elapsed())
+                    self.next_commit
+                        .saturating_duration_since(Instant::now())
                         .clamp(Duration::from_millis(1), Duration::from_millis(50))
                 } else {
                     Duration::ZERO
@@ -584,14 +588,17 @@ impl Worker {
                         let hold = hold.min(Duration::from_millis(20));
                         std::thread::sleep(hold);
                         busy += hold;
-                        if self.last_commit.elapsed() >= commit_interval {
+                        if self.commit_due() {
                             break;
                         }
                         continue;
                     }
                 }
                 let polled = match self.consumer.poll(wait) {
-                    None => break,
+                    None => {
+                        self.caught_up = true;
+                        break;
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "poll");
                         break;
@@ -607,7 +614,7 @@ impl Worker {
                 self.handle(polled)?;
                 busy += started.elapsed();
                 handled += 1;
-                if self.last_commit.elapsed() >= commit_interval {
+                if self.commit_due() {
                     break;
                 }
             }
@@ -615,9 +622,11 @@ impl Worker {
             self.check_idle();
             self.advance()?;
             self.progress_savepoint()?;
-            if self.dirty && self.last_commit.elapsed() >= commit_interval {
+            if self.dirty && self.commit_due() {
+                let commit_started = Instant::now();
                 self.commit()?;
                 self.maybe_checkpoint()?;
+                self.schedule_next_commit(commit_started);
             }
             self.serve_uploads()?;
             busy += started.elapsed();
@@ -626,6 +635,19 @@ impl Worker {
                 .fetch_add(busy.as_nanos() as u64, Relaxed);
             self.update_metrics();
         }
+    }
+
+    fn commit_due(&self) -> bool {
+        Instant::now() >= self.next_commit
+    }
+
+    fn schedule_next_commit(&mut self, commit_started: Instant) {
+        self.next_commit = cadence::next_commit(
+            commit_started,
+            Instant::now(),
+            self.cfg.commit_interval.as_std(),
+            std::mem::take(&mut self.caught_up),
+        );
     }
 
     fn handle(&mut self, m: Polled) -> Result<()> {
