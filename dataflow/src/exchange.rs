@@ -98,7 +98,7 @@ pub trait Exchange {
 /// An aggregation map: looked up by `&str`, and a new key is made from it only when inserted.
 type AggMap<V> = hashbrown::HashMap<Key, V, rustc_hash::FxBuildHasher>;
 
-/// Reused aggregation maps kept at most (see `ExchangeWriter::spare`), and the largest kept.
+/// Reused aggregation maps kept at most (see `Aggregator::spare`), and the largest kept.
 const SPARE_MAPS: usize = 64;
 const SPARE_CAPACITY: usize = 256;
 
@@ -109,15 +109,93 @@ struct PendingItem {
     panes: Vec<(i64, AggMap<u64>)>,
 }
 
+/// Co-visitation increments summed per (item, pane, other) until they are taken: the
+/// pre-aggregation both exchanges (the local engine's and the distributed sender) share.
+/// Adding costs one hash per item and one per neighbour, and makes no key for an entry that
+/// exists (no per-increment string copies).
+#[derive(Default)]
+pub struct Aggregator {
+    pending: AggMap<PendingItem>,
+    /// Emptied aggregation maps, reused: one per item and flush would otherwise be allocated
+    /// and grown again for nearly every event.
+    spare: Vec<AggMap<u64>>,
+}
+
+impl Aggregator {
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Add `weight` to `(item, other)` in `pane`; `kg` is the item's key group.
+    pub fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
+        let p = self
+            .pending
+            .entry_ref(item.as_str())
+            .or_insert_with(|| PendingItem {
+                kg,
+                panes: Vec::new(),
+            });
+        let others = match p.panes.iter().position(|(p, _)| *p == pane) {
+            Some(i) => &mut p.panes[i].1,
+            None => {
+                p.panes.push((pane, self.spare.pop().unwrap_or_default()));
+                &mut p.panes.last_mut().expect("pushed").1
+            }
+        };
+        *others.entry_ref(other.as_str()).or_insert(0) += weight;
+    }
+
+    fn drain(spare: &mut Vec<AggMap<u64>>, item: Key, p: PendingItem) -> ItemIncrements {
+        let panes = p
+            .panes
+            .into_iter()
+            .map(|(pane, mut others)| {
+                let row = others.drain().collect();
+                if spare.len() < SPARE_MAPS && others.capacity() <= SPARE_CAPACITY {
+                    spare.push(others);
+                }
+                (pane, row)
+            })
+            .collect();
+        ItemIncrements {
+            item,
+            kg: p.kg,
+            panes,
+        }
+    }
+
+    /// One item's increments (panes and neighbours in no particular order), if any.
+    pub fn take(&mut self, item: &str) -> Option<ItemIncrements> {
+        let (item, p) = self.pending.remove_entry(item)?;
+        Some(Self::drain(&mut self.spare, item, p))
+    }
+
+    /// Every item's increments (in no particular order); the aggregator is empty afterwards.
+    pub fn take_all(&mut self) -> impl Iterator<Item = ItemIncrements> + '_ {
+        let spare = &mut self.spare;
+        self.pending
+            .drain()
+            .map(move |(item, p)| Self::drain(spare, item, p))
+    }
+}
+
+impl ItemIncrements {
+    /// The number of (pane, other) sums.
+    pub fn len(&self) -> usize {
+        self.panes.iter().map(|(_, o)| o.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.panes.iter().all(|(_, o)| o.is_empty())
+    }
+}
+
 /// The sending side of one worker for one batch: outboxes per target worker, sorted by key.
 pub struct ExchangeWriter<'f> {
     routing: Routing,
     frame: &'f BatchFrame,
     next_crossing: usize,
-    pending: AggMap<PendingItem>,
-    /// Emptied aggregation maps, reused: one per item and flush would otherwise be allocated
-    /// and grown again for nearly every event.
-    spare: Vec<AggMap<u64>>,
+    pending: Aggregator,
     outboxes: Vec<Vec<Message>>,
     /// Increments sent and aggregated increments flushed, for the exchange's metrics.
     pub increments_in: u64,
@@ -130,42 +208,20 @@ impl<'f> ExchangeWriter<'f> {
             routing,
             frame,
             next_crossing: 0,
-            pending: AggMap::default(),
-            spare: Vec::new(),
+            pending: Aggregator::default(),
             outboxes: (0..routing.parallelism).map(|_| Vec::new()).collect(),
             increments_in: 0,
             increments_out: 0,
         }
     }
 
-    fn drain(&mut self, item: Key, p: PendingItem) -> ItemIncrements {
-        let spare = &mut self.spare;
-        let panes: Vec<(i64, Vec<(Key, u64)>)> = p
-            .panes
-            .into_iter()
-            .map(|(pane, mut others)| {
-                let row = others.drain().collect();
-                if spare.len() < SPARE_MAPS && others.capacity() <= SPARE_CAPACITY {
-                    spare.push(others);
-                }
-                (pane, row)
-            })
-            .collect();
-        self.increments_out += panes.iter().map(|(_, o)| o.len() as u64).sum::<u64>();
-        ItemIncrements {
-            item,
-            kg: p.kg,
-            panes,
-        }
-    }
-
     /// Flush one item's increments.
     fn flush_item(&mut self, item: &str, key: MsgKey) {
-        let Some((item, p)) = self.pending.remove_entry(item) else {
+        let Some(incs) = self.pending.take(item) else {
             return;
         };
-        let owner = self.routing.owner(p.kg);
-        let incs = self.drain(item, p);
+        self.increments_out += incs.len() as u64;
+        let owner = self.routing.owner(incs.kg);
         self.outboxes[owner].push(Message {
             key,
             payload: Payload::Increments(vec![incs]),
@@ -178,10 +234,9 @@ impl<'f> ExchangeWriter<'f> {
             return;
         }
         let mut by_owner: Vec<Vec<ItemIncrements>> = vec![Vec::new(); self.outboxes.len()];
-        for (item, p) in std::mem::take(&mut self.pending) {
-            let owner = self.routing.owner(p.kg);
-            let incs = self.drain(item, p);
-            by_owner[owner].push(incs);
+        for incs in self.pending.take_all() {
+            self.increments_out += incs.len() as u64;
+            by_owner[self.routing.owner(incs.kg)].push(incs);
         }
         for (owner, incs) in by_owner.into_iter().enumerate() {
             if !incs.is_empty() {
@@ -232,22 +287,7 @@ impl Exchange for ExchangeWriter<'_> {
 
     fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
         self.increments_in += 1;
-        // One hash per lookup, and no key is made for an entry that exists.
-        let p = self
-            .pending
-            .entry_ref(item.as_str())
-            .or_insert_with(|| PendingItem {
-                kg,
-                panes: Vec::new(),
-            });
-        let others = match p.panes.iter().position(|(p, _)| *p == pane) {
-            Some(i) => &mut p.panes[i].1,
-            None => {
-                p.panes.push((pane, self.spare.pop().unwrap_or_default()));
-                &mut p.panes.last_mut().expect("pushed").1
-            }
-        };
-        *others.entry_ref(other.as_str()).or_insert(0) += weight;
+        self.pending.add(kg, pane, item, other, weight);
     }
 
     fn request(&mut self, kg: u32, req: RecRequest) {

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::wire::{Barrier, Entry, Forwarded, Marker, PaneIncrements};
-use crate::dataflow::exchange::{Exchange, RecRequest, Routing};
+use crate::dataflow::exchange::{Aggregator, Exchange, RecRequest, Routing};
 use crate::dataflow::{FastMap, Key};
 
 /// An item and its increments to other items.
@@ -19,8 +19,8 @@ type Row = (Key, Vec<(Key, u64)>);
 
 #[derive(Default)]
 struct Target {
-    /// (pane, item) → other → weight, since the last flush of this key group.
-    pending: FastMap<(i64, Key), FastMap<Key, u64>>,
+    /// This key group's increments since its last flush.
+    pending: Aggregator,
     entries: Vec<Entry>,
 }
 
@@ -52,11 +52,15 @@ impl ExchangeSender {
         }
         // Deterministic order: panes ascending, items and neighbours by id.
         let mut by_pane: BTreeMap<i64, Vec<Row>> = BTreeMap::new();
-        for ((pane, item), others) in t.pending.drain() {
-            let mut others: Vec<(Key, u64)> = others.into_iter().collect();
-            others.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            self.increments_out += others.len() as u64;
-            by_pane.entry(pane).or_default().push((item, others));
+        for incs in t.pending.take_all() {
+            self.increments_out += incs.len() as u64;
+            for (pane, mut others) in incs.panes {
+                others.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                by_pane
+                    .entry(pane)
+                    .or_default()
+                    .push((incs.item.clone(), others));
+            }
         }
         for (pane, mut rows) in by_pane {
             rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -129,15 +133,11 @@ impl Exchange for ExchangeSender {
 
     fn add(&mut self, kg: u32, pane: i64, item: &Key, other: &Key, weight: u64) {
         self.increments_in += 1;
-        *self
-            .targets
+        self.targets
             .entry(kg)
             .or_default()
             .pending
-            .entry((pane, item.clone()))
-            .or_default()
-            .entry(other.clone())
-            .or_insert(0) += weight;
+            .add(kg, pane, item, other, weight);
     }
 
     fn request(&mut self, kg: u32, req: RecRequest) {
