@@ -158,6 +158,8 @@ pub struct Worker {
     receiver: Receiver,
     board: SharedBoard,
     out: ItemOutput,
+    /// One recommendation's JSON, reused (the producer copies the payload).
+    rec_buf: Vec<u8>,
     exchange_next: BTreeMap<u32, i64>,
     changelog_buf: BTreeMap<u32, (u32, Vec<u8>)>,
     changelog_next: BTreeMap<u32, i64>,
@@ -456,6 +458,7 @@ impl Worker {
             receiver: Receiver::new(windowing, BTreeMap::new(), WM_MIN),
             board,
             out: ItemOutput::default(),
+            rec_buf: Vec::with_capacity(1024),
             exchange_next: BTreeMap::new(),
             changelog_buf: BTreeMap::new(),
             changelog_next: BTreeMap::new(),
@@ -892,18 +895,19 @@ impl Worker {
         let mut out = std::mem::take(&mut self.out);
         let k = self.cfg.dataflow.top_k;
         let lateness = self.windowing.lateness;
+        let mut value = std::mem::take(&mut self.rec_buf);
         for p in &mut out.recs {
             self.board
                 .fill(&mut p.rec.items, k, &p.excluded, p.wm, lateness);
-            let mut value = Vec::with_capacity(1024);
+            value.clear();
             p.rec.write_json(&mut value);
-            let topic = self.sink.recommendations.clone();
             self.produce(
-                BaseRecord::to(&topic)
+                BaseRecord::to(&self.sink.recommendations)
                     .key(p.rec.user_id.as_bytes())
                     .payload(value.as_slice()),
             )?;
         }
+        self.rec_buf = value;
         if !out.trending.is_empty() {
             let through = self.last_through;
             let c = self.contribution.get_or_insert_with(|| Contribution {
