@@ -343,4 +343,54 @@ mod tests {
         );
         assert!(decode_frame(b"{\"json\":1}").is_err(), "foreign record");
     }
+
+    #[test]
+    fn frames_split_between_entries_and_keep_their_order() {
+        let sender = Sender {
+            gen: 1,
+            index: 0,
+            senders: 1,
+        };
+        let marker = |t: i64| {
+            Entry::Marker(Marker {
+                user_wm: t,
+                source_wm: t,
+                source_idle: false,
+            })
+        };
+        // A marker is 18 bytes encoded; one row of 50 neighbours is well over 100.
+        let big = Entry::Increments(PaneIncrements {
+            pane: 0,
+            rows: vec![(
+                "i".into(),
+                (0..50).map(|n| (Key::from(format!("n{n}")), 1)).collect(),
+            )],
+        });
+        let entries = vec![
+            big.clone(),
+            marker(1),
+            marker(2),
+            marker(3),
+            big,
+            marker(4),
+            marker(5),
+        ];
+        let frames = encode_frames(sender, &entries, 40);
+        let mut back = Vec::new();
+        let mut counts = Vec::new();
+        for f in &frames {
+            let (s, es) = decode_frame(f).unwrap();
+            assert_eq!(s, sender);
+            counts.push(es.len());
+            back.extend(es);
+        }
+        assert_eq!(format!("{back:?}"), format!("{entries:?}"));
+        // Two markers fit in 40 bytes, three do not; the big row stands alone (and the first
+        // frame is not an empty one before it).
+        assert_eq!(counts, [1, 2, 1, 1, 2]);
+
+        let empty = encode_frames(sender, &[], 40);
+        assert_eq!(empty.len(), 1, "no entries: one empty frame");
+        assert!(decode_frame(&empty[0]).unwrap().1.is_empty());
+    }
 }
