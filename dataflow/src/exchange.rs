@@ -180,13 +180,9 @@ impl Aggregator {
 }
 
 impl ItemIncrements {
-    /// The number of (pane, other) sums.
-    pub fn len(&self) -> usize {
-        self.panes.iter().map(|(_, o)| o.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.panes.iter().all(|(_, o)| o.is_empty())
+    /// The number of (pane, other) sums it carries (the exchange's `increments_out`).
+    pub fn sums(&self) -> u64 {
+        self.panes.iter().map(|(_, o)| o.len() as u64).sum()
     }
 }
 
@@ -220,7 +216,7 @@ impl<'f> ExchangeWriter<'f> {
         let Some(incs) = self.pending.take(item) else {
             return;
         };
-        self.increments_out += incs.len() as u64;
+        self.increments_out += incs.sums();
         let owner = self.routing.owner(incs.kg);
         self.outboxes[owner].push(Message {
             key,
@@ -235,7 +231,7 @@ impl<'f> ExchangeWriter<'f> {
         }
         let mut by_owner: Vec<Vec<ItemIncrements>> = vec![Vec::new(); self.outboxes.len()];
         for incs in self.pending.take_all() {
-            self.increments_out += incs.len() as u64;
+            self.increments_out += incs.sums();
             by_owner[self.routing.owner(incs.kg)].push(incs);
         }
         for (owner, incs) in by_owner.into_iter().enumerate() {

@@ -53,7 +53,7 @@ impl ExchangeSender {
         // Deterministic order: panes ascending, items and neighbours by id.
         let mut by_pane: BTreeMap<i64, Vec<Row>> = BTreeMap::new();
         for incs in t.pending.take_all() {
-            self.increments_out += incs.len() as u64;
+            self.increments_out += incs.sums();
             for (pane, mut others) in incs.panes {
                 others.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                 by_pane
