@@ -198,6 +198,10 @@ impl Engine {
                         manifest.id, manifest.key_groups, cfg.key_groups
                     )));
                 }
+                state::records::check_state_format(
+                    manifest.state_format,
+                    &format!("checkpoint {}", manifest.id),
+                )?;
                 let from = restore_store
                     .as_ref()
                     .map_or(store.as_ref(), |s| s.as_ref());
@@ -705,6 +709,7 @@ impl Engine {
             next_seq: self.next_seq,
             sink_epoch: id,
             events_in: self.metrics.events_in.load(Relaxed),
+            state_format: state::records::STATE_FORMAT,
         };
         self.uploader.submit(UploadJob {
             id,

@@ -49,6 +49,9 @@ pub struct Manifest {
     /// Output epochs up to this one are covered (sink position).
     pub sink_epoch: u64,
     pub events_in: u64,
+    /// How the state's values are encoded ([`crate::state::records::STATE_FORMAT`]).
+    #[serde(default = "crate::state::records::unrecorded_state_format")]
+    pub state_format: u32,
 }
 
 pub fn checkpoint_dir(id: u64) -> String {
@@ -213,6 +216,7 @@ mod tests {
             next_seq: 0,
             sink_epoch: 0,
             events_in: 0,
+            state_format: crate::state::records::STATE_FORMAT,
         };
         let shared = vec![
             "shared/a".to_string(),
@@ -221,5 +225,19 @@ mod tests {
         ];
         let g = garbage(&shared, &[m(&["shared/a"]), m(&["shared/c"])]);
         assert_eq!(g, [&"shared/b".to_string()]);
+
+        // A manifest from before manifests recorded the state format holds format 1, which
+        // this build refuses to restore, with the reason.
+        let mut json = serde_json::to_value(m(&[])).unwrap();
+        assert_eq!(json["stateFormat"], crate::state::records::STATE_FORMAT);
+        let recorded: Manifest = serde_json::from_value(json.clone()).unwrap();
+        assert!(crate::state::records::check_state_format(recorded.state_format, "x").is_ok());
+        json.as_object_mut().unwrap().remove("stateFormat");
+        let old: Manifest = serde_json::from_value(json).unwrap();
+        assert_eq!(old.state_format, 1);
+        let err = crate::state::records::check_state_format(old.state_format, "checkpoint 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checkpoint 1 holds state format 1"), "{err}");
     }
 }

@@ -205,6 +205,9 @@ pub struct PartManifest {
     pub item_wm: i64,
     pub user_wm: i64,
     pub events_in: u64,
+    /// How the state's values are encoded ([`crate::state::records::STATE_FORMAT`]).
+    #[serde(default = "crate::state::records::unrecorded_state_format")]
+    pub state_format: u32,
 }
 
 /// A job-wide savepoint: every worker's part.

@@ -56,6 +56,7 @@ pub fn read_part(url: &str, s3: Option<&S3Config>) -> Result<(Located, PartManif
     let loc = locate(url, s3)?;
     let bytes = loc.store.get_bytes(&loc.key)?;
     let m: PartManifest = serde_json::from_slice(&bytes)?;
+    crate::state::records::check_state_format(m.state_format, &format!("part {url}"))?;
     let part_dir = loc.key.rsplit_once('/').map_or("", |(d, _)| d).to_string();
     let base = if m.self_contained {
         part_dir
@@ -565,6 +566,7 @@ mod tests {
             item_wm: 0,
             user_wm: 0,
             events_in: seq,
+            state_format: crate::state::records::STATE_FORMAT,
         }
     }
 

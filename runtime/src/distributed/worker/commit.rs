@@ -281,6 +281,7 @@ impl Worker {
             item_wm: self.receiver.watermark(),
             user_wm: self.user_wm,
             events_in: self.metrics.events_in.load(Relaxed),
+            state_format: crate::state::records::STATE_FORMAT,
         };
         self.uploader().submit(UploadJob::Part {
             local,
