@@ -257,7 +257,11 @@ fn ingest_ops(db: &DB, dir: &Path, buf: &OpBuffer, order: &mut Vec<(u64, u32)>) 
     }
     for (n, p) in order.iter().enumerate() {
         // Only the last op on a key counts.
-        if order.get(n + 1).is_some_and(|next| key(next) == key(p)) {
+        // Keys with different heads differ: only ties touch the keys themselves.
+        if order
+            .get(n + 1)
+            .is_some_and(|next| next.0 == p.0 && key(next) == key(p))
+        {
             keep[n] = false;
         }
     }
