@@ -539,8 +539,13 @@ impl StateManager {
         &self.run_id
     }
 
+    /// Write `ops` in order, through the memtable (see [`BatchWriter`]).
     pub fn apply(&self, ops: Vec<StateOp>) -> Result<()> {
-        apply_ops(&self.db, ops)
+        let mut out = self.writer();
+        for op in ops {
+            out.push(op)?;
+        }
+        out.finish()
     }
 
     /// A writer into the live database in bounded batches, through the memtable (see
@@ -719,14 +724,6 @@ fn scan_panes(db: &DB, kg: u32, panes: Range<i64>, visit: &mut dyn PaneVisitor) 
         records::visit_pane_entry(&k, &v, visit)?;
     }
     Ok(())
-}
-
-fn apply_ops(db: &DB, ops: Vec<StateOp>) -> Result<()> {
-    let mut buf = OpBuffer::default();
-    for op in &ops {
-        buf.push_op(op);
-    }
-    write_ops(db, &buf)
 }
 
 fn write_ops(db: &DB, buf: &OpBuffer) -> Result<()> {

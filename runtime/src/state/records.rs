@@ -68,7 +68,9 @@ pub fn job_state_key(name: &str) -> Vec<u8> {
 }
 
 pub fn history_key(kg: u32, user: &str) -> Vec<u8> {
-    codec::state_key(kg, HISTORIES.tag, user.as_bytes())
+    let mut k = Vec::with_capacity(3 + user.len());
+    write_history_key(&mut k, kg, user);
+    k
 }
 
 /// Append a history's key to `out`.
